@@ -1,0 +1,250 @@
+"""Fitness evaluation of candidate architectures on a supernet, with or without shifting.
+
+With shifting (the released Supernet Shifting code, "paper" mode), evaluating a candidate is:
+train mode; ``train_steps`` times: a training batch through the candidate's path, label-smoothed
+cross-entropy, ``zero_grad``, backward, SGD step; then eval mode and top-1 / top-5 error on the
+fixed validation batches, BN running statistics being those left by the training steps
+(momentum 0.1). One optimizer (SGD lr 1e-4, momentum 0.9, weight decay 4e-5 on weights of
+dim > 1 only) lives for the whole search.
+
+Without shifting (SPOS): weights frozen; the BN statistics of the path are reset and recomputed
+on ``train_steps`` batches in train mode under no_grad (momentum 0.1, as released), the error is
+measured, and the supernet's previous BN statistics are put back.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import BatchStream, EvalSet
+from .space import Arch
+
+__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "UPDATE_MODES", "ZERO_GRAD_MODES"]
+
+UPDATE_MODES = ("step", "candidate", "generation")
+ZERO_GRAD_MODES = ("none", "zeros")
+
+
+@dataclass
+class FitnessConfig:
+    """Per-candidate work and the shifting optimizer.
+
+    ``train_steps`` / ``train_batch_size`` default to 20 x 150 with shifting (released Supernet
+    Shifting) and 200 x 128 without (released SPOS BN recalibration).
+    ``update``: ``step`` = an SGD step after every training batch (released); ``candidate`` =
+    gradients averaged over the candidate's batches, one step per candidate; ``generation`` =
+    gradients averaged over every batch of every candidate of a generation, one step at its end.
+    ``zero_grad``: ``none`` = gradients set to None (torch >= 2: SGD skips blocks off the current
+    path); ``zeros`` = gradients zeroed (torch 1.x: momentum and weight decay keep moving every
+    block visited before).
+    """
+
+    shifting: bool = True
+    update: str = "step"
+    train_steps: int | None = None
+    train_batch_size: int | None = None
+    val_batches: int = 25
+    val_batch_size: int = 500
+    lr: float = 1e-4
+    momentum: float = 0.9
+    weight_decay: float = 4e-5
+    label_smoothing: float = 0.1
+    zero_grad: str = "none"
+
+    def __post_init__(self):
+        if self.train_steps is None:
+            self.train_steps = 20 if self.shifting else 200
+        if self.train_batch_size is None:
+            self.train_batch_size = 150 if self.shifting else 128
+        if self.update not in UPDATE_MODES:
+            raise ValueError(f"update must be one of {UPDATE_MODES}, got {self.update!r}")
+        if self.zero_grad not in ZERO_GRAD_MODES:
+            raise ValueError(f"zero_grad must be one of {ZERO_GRAD_MODES}, got {self.zero_grad!r}")
+        for name in ("train_steps", "train_batch_size", "val_batches", "val_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        for name in ("lr", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: float):
+    """SGD with weight decay on parameters of dim > 1 only (the released ``get_parameters``)."""
+    decay = [p for p in net.parameters() if p.dim() > 1]
+    no_decay = [p for p in net.parameters() if p.dim() <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+def _bn_modules(modules):
+    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
+class Shifter:
+    """Evaluates candidates on ``net`` (see the module docstring), sequentially.
+
+    Args:
+        net: a Supernet on its device.
+        train_stream: the persistent training BatchStream (batch size = train_batch_size).
+        val_set: the fixed EvalSet.
+        config: FitnessConfig.
+    """
+
+    def __init__(self, net, train_stream: BatchStream, val_set: EvalSet, config: FitnessConfig):
+        self.net = net
+        self.stream = train_stream
+        self.val_set = val_set
+        self.config = config
+        self.optimizer = (make_optimizer(net, config.lr, config.momentum, config.weight_decay)
+                          if config.shifting else None)
+        self.version = 0  # optimizer steps taken: tags every fitness with the weights it saw
+        self._pending = 0  # candidates accumulated in "generation" mode
+
+    # -- state ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        return {
+            "version": self.version,
+            "pending": self._pending,
+            "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
+            "stream": self.stream.state_dict(),
+            # zero_grad="zeros" keeps zero gradients on every block visited before; SGD moves
+            # exactly those, so which parameters hold a gradient is part of the state.
+            "grad_present": [i for i, p in enumerate(self.net.parameters()) if p.grad is not None],
+        }
+
+    def load_state_dict(self, state: dict):
+        self.version = int(state["version"])
+        self._pending = int(state["pending"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        present = set(state.get("grad_present", []))
+        for i, p in enumerate(self.net.parameters()):
+            p.grad = torch.zeros_like(p) if i in present else None
+
+    # -- evaluation -------------------------------------------------------------------------
+    def _loss(self, logits, y):
+        return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
+
+    def _check_finite(self, loss, arch, step):
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise FloatingPointError(
+                f"training loss is {value} at step {step} of candidate {tuple(arch)}: the "
+                "supernet diverged (lower lr) or the data hold NaN/Inf"
+            )
+        return value
+
+    def _zero_grad(self):
+        self.optimizer.zero_grad(set_to_none=self.config.zero_grad == "none")
+
+    def _train(self, arch: Arch) -> float:
+        cfg = self.config
+        net = self.net
+        net.train()
+        total = 0.0
+        if cfg.update == "candidate":
+            self._zero_grad()
+        for step in range(cfg.train_steps):
+            x, y = self.stream.next()
+            loss = self._loss(net(x, arch), y)
+            total += self._check_finite(loss, arch, step)
+            if cfg.update == "step":
+                self._zero_grad()
+                loss.backward()
+                self.optimizer.step()
+                self.version += 1
+            else:
+                (loss / cfg.train_steps).backward()
+        if cfg.update == "candidate":
+            self.optimizer.step()
+            self.version += 1
+        elif cfg.update == "generation":
+            self._pending += 1
+        return total / cfg.train_steps
+
+    @torch.no_grad()
+    def _recalibrate(self, arch: Arch):
+        """SPOS: reset the path's BN statistics and recompute them in train mode."""
+        for bn in _bn_modules(self.net.path_modules(arch)):
+            bn.reset_running_stats()
+        self.net.train()
+        for _ in range(self.config.train_steps):
+            x, _ = self.stream.next()
+            self.net(x, arch)
+
+    @torch.no_grad()
+    def error(self, arch: Arch) -> tuple[float, float]:
+        """(top-1, top-5) error of ``arch`` in eval mode on the validation batches."""
+        self.net.eval()
+        top1 = top5 = total = 0
+        for x, y in self.val_set.batches:
+            logits = self.net(x, arch)
+            k = min(5, logits.shape[1])
+            pred = logits.topk(k, dim=1).indices
+            hit = pred == y[:, None]
+            top1 += int(hit[:, 0].sum())
+            top5 += int(hit.any(dim=1).sum())
+            total += y.shape[0]
+        return 1.0 - top1 / total, 1.0 - top5 / total
+
+    def evaluate(self, arch: Arch, *, seed: int) -> dict:
+        """Fitness of one candidate. ``seed`` fixes the dropout randomness of its training
+        steps (the global torch RNG is left untouched)."""
+        t0 = time.perf_counter()
+        devices = [self.net.classifier[0].weight.device] if torch.cuda.is_available() else []
+        devices = [d for d in devices if d.type == "cuda"]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            if self.config.shifting:
+                train_loss = self._train(arch)
+                saved = None
+            else:
+                saved = [
+                    {k: v.clone() for k, v in bn.state_dict().items()}
+                    for bn in _bn_modules(self.net.path_modules(arch))
+                ]
+                self._recalibrate(arch)
+                train_loss = float("nan")
+        t1 = time.perf_counter()
+        top1, top5 = self.error(arch)
+        if saved is not None:
+            for bn, state in zip(_bn_modules(self.net.path_modules(arch)), saved):
+                bn.load_state_dict(state)
+        t2 = time.perf_counter()
+        return {
+            "top1_err": top1,
+            "top5_err": top5,
+            "train_loss": train_loss,
+            "supernet_version": self.version,
+            "train_s": t1 - t0,
+            "eval_s": t2 - t1,
+        }
+
+    def end_generation(self):
+        """In ``generation`` mode: one SGD step on the gradients accumulated over the
+        generation, averaged over its candidates."""
+        if self.config.shifting and self.config.update == "generation" and self._pending:
+            for group in self.optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.div_(self._pending)
+            self.optimizer.step()
+            self._zero_grad()
+            self.version += 1
+            self._pending = 0

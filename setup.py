@@ -1,0 +1,111 @@
+"""Build of fastshift and its one compiled extension, ``fastshift._C``.
+
+C++ CPU sources (csrc/*.cpp, csrc/cpu/*.cpp) are always built. CUDA sources (csrc/cuda/*.cu)
+are added when the installed torch is a CUDA build and a CUDA toolkit is found.
+
+Environment:
+  FASTSHIFT_NO_CUDA=1     skip the CUDA sources (fast local rebuilds)
+  FASTSHIFT_FORCE_CUDA=1  fail instead of silently building without CUDA
+  TORCH_CUDA_ARCH_LIST    CUDA architectures; defaults to "9.0" (H100/H200) when unset
+  CUDA_HOME               CUDA toolkit root; defaults to /usr/local/cuda when it exists
+  MAX_JOBS                parallel compile jobs (ninja)
+
+Install after torch is in place, without build isolation (isolation would fetch a second
+torch into the build environment):  pip install --no-build-isolation -e .
+"""
+
+import glob
+import os
+import sys
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def _cuda_toolkit_root():
+    """The toolkit to compile with: CUDA_HOME if set, else /usr/local/cuda if it holds nvcc.
+
+    torch's own guess follows ``which nvcc``, which can be a wrapper script outside the
+    toolkit; the standard link is the reliable place.
+    """
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home:
+        return home
+    if os.path.exists("/usr/local/cuda/bin/nvcc"):
+        return "/usr/local/cuda"
+    return None
+
+
+def extensions():
+    cuda_root = _cuda_toolkit_root()
+    if cuda_root:
+        os.environ["CUDA_HOME"] = cuda_root  # must precede the cpp_extension import
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "9.0")
+
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    cuda_sources = sorted(glob.glob("csrc/cuda/*.cu"))
+    want_cuda = not _truthy("FASTSHIFT_NO_CUDA")
+    have_cuda = torch.version.cuda is not None and cuda_root is not None
+    if _truthy("FASTSHIFT_FORCE_CUDA") and not have_cuda:
+        sys.exit(
+            "FASTSHIFT_FORCE_CUDA=1 but no CUDA build is possible: "
+            f"torch.version.cuda={torch.version.cuda!r}, CUDA toolkit root={cuda_root!r}"
+        )
+    use_cuda = want_cuda and have_cuda
+
+    cxx = ["-O3", "-std=c++20", "-DPy_LIMITED_API=0x030b0000"]
+    if sys.platform.startswith("linux"):
+        cxx += ["-fopenmp"]
+    extra = {"cxx": cxx}
+    define_macros = []
+    include_dirs = []
+    if use_cuda:
+        # The toolkit may lack cuBLAS/cuSPARSE headers that torch's CUDA headers include; the
+        # torch wheel ships them under site-packages/nvidia/cu13/include.
+        site = os.path.dirname(os.path.dirname(torch.__file__))
+        include_dirs += [p for p in glob.glob(os.path.join(site, "nvidia", "cu*", "include"))]
+        major, minor = (torch.version.cuda.split(".") + ["0"])[:2]
+        define_macros += [
+            ("FASTSHIFT_WITH_CUDA", None),
+            ("FASTSHIFT_CUDA_VERSION", str(int(major) * 1000 + int(minor) * 10)),
+        ]
+        extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
+        ext = CUDAExtension(
+            "fastshift._C",
+            sources + cuda_sources,
+            include_dirs=include_dirs,
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            py_limited_api=True,
+        )
+    else:
+        ext = CppExtension(
+            "fastshift._C",
+            sources,
+            define_macros=define_macros,
+            extra_compile_args=extra,
+            extra_link_args=["-fopenmp"] if sys.platform.startswith("linux") else [],
+            py_limited_api=True,
+        )
+    print(f"fastshift: building _C with CUDA={'yes' if use_cuda else 'no'}", file=sys.stderr)
+    return [ext]
+
+
+
+if __name__ == "__main__":
+    from torch.utils.cpp_extension import BuildExtension
+
+    setup(
+        ext_modules=extensions(),
+        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        options={"bdist_wheel": {"py_limited_api": "cp311"}},
+    )
