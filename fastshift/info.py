@@ -1,0 +1,70 @@
+"""``fastshift info`` / ``python -m fastshift.info``: what was built and what is usable."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+
+import torch
+
+from . import __version__, ops
+
+
+def collect() -> dict:
+    """Build and runtime facts as a dict (no GPU is touched unless torch already sees one)."""
+    cuda_available = torch.cuda.is_available()
+    try:
+        import triton  # noqa: F401
+
+        triton_version = triton.__version__
+    except Exception:  # triton is optional
+        triton_version = None
+    return {
+        "fastshift": __version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "triton": triton_version,
+        "extension_built": ops.HAVE_C,
+        "extension_error": ops.BUILD_ERROR,
+        "extension_cuda": ops.cuda_built(),
+        "extension_cuda_version": int(torch.ops.fastshift.cuda_version()) if ops.HAVE_C else 0,
+        "cuda_device": torch.cuda.get_device_name(0) if cuda_available else None,
+        "backends_usable": ops.available_backends(),
+        "backend_env": os.environ.get("FASTSHIFT_BACKEND"),
+        "backend_auto_cpu": ops.resolve_backend("auto", torch.device("cpu")),
+        "cpu_threads": torch.get_num_threads(),
+    }
+
+
+def report(as_json: bool = False) -> str:
+    facts = collect()
+    if as_json:
+        return json.dumps(facts, indent=2)
+    lines = [f"fastshift {facts['fastshift']} (python {facts['python']}, {facts['platform']})",
+             f"torch {facts['torch']} (CUDA build: {facts['torch_cuda']}), "
+             f"triton {facts['triton']}"]
+    if facts["extension_built"]:
+        cuda = (f"with CUDA bodies (toolkit {facts['extension_cuda_version']})"
+                if facts["extension_cuda"] else "CPU bodies only")
+        lines.append(f"fastshift._C: built, {cuda}")
+    else:
+        lines.append(f"fastshift._C: NOT built ({facts['extension_error']}); rebuild with: "
+                     f"{ops.REBUILD}")
+    lines.append(f"GPU: {facts['cuda_device'] or 'none visible'}")
+    lines.append(f"backends usable here: {', '.join(facts['backends_usable'])}; "
+                 f"auto on CPU -> {facts['backend_auto_cpu']}; "
+                 f"FASTSHIFT_BACKEND={facts['backend_env'] or '(unset)'}")
+    lines.append(f"CPU threads: {facts['cpu_threads']}")
+    return "\n".join(lines)
+
+
+def main():
+    print(report("--json" in sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

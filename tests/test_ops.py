@@ -1,0 +1,130 @@
+"""Compiled ops against the plain-PyTorch reference: values, gradients, gradcheck, opcheck,
+torch.compile, odd / empty / non-contiguous inputs."""
+
+import pytest
+import torch
+
+from fastshift import ops
+from fastshift.ops import reference
+
+BACKENDS = [b for b in ops.available_backends() if b != "reference"]
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() and ops.cuda_built() else [])
+TOL = {torch.float32: dict(rtol=0, atol=0), torch.float64: dict(rtol=0, atol=0),
+       torch.float16: dict(rtol=0, atol=0), torch.bfloat16: dict(rtol=0, atol=0)}
+SHAPES = [(2, 4, 3, 3), (1, 6, 5, 7), (0, 8, 4, 4), (3, 2, 1, 1), (2, 16, 9, 2)]
+
+needs_c = pytest.mark.skipif(not ops.HAVE_C, reason=f"fastshift._C not built: {ops.BUILD_ERROR}")
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float64] + ([torch.float16, torch.bfloat16]
+                                             if device == "cuda" else [])
+
+
+def _cases():
+    for device in DEVICES:
+        for dtype in _dtypes(device):
+            for shape in SHAPES:
+                yield device, dtype, shape
+
+
+def test_extension_is_built():
+    """The installed package must carry its compiled extension (README install)."""
+    assert ops.HAVE_C, f"fastshift._C failed to import: {ops.BUILD_ERROR}"
+
+
+@needs_c
+@pytest.mark.parametrize("device,dtype,shape", list(_cases()))
+@pytest.mark.parametrize("contiguous", [True, False])
+def test_channel_split_matches_reference(device, dtype, shape, contiguous):
+    b, c, h, w = shape
+    if contiguous:
+        x = torch.randn(b, c, h, w, dtype=torch.float64).to(device, dtype)
+    else:  # every other channel of a wider tensor
+        x = torch.randn(b, 2 * c, h, w, dtype=torch.float64).to(device, dtype)[:, ::2]
+    if not contiguous and x.numel():
+        assert not x.is_contiguous()
+    x.requires_grad_(True)
+    even, odd = ops.channel_split(x, backend=device)
+    ref_even, ref_odd = reference.channel_split(x)
+    torch.testing.assert_close(even, ref_even, **TOL[dtype])
+    torch.testing.assert_close(odd, ref_odd, **TOL[dtype])
+    assert even.is_contiguous() and odd.is_contiguous()
+    g_even, g_odd = torch.randn_like(even), torch.randn_like(odd)
+    (grad,) = torch.autograd.grad((even, odd), x, (g_even, g_odd))
+    (ref_grad,) = torch.autograd.grad((ref_even, ref_odd), x, (g_even, g_odd))
+    torch.testing.assert_close(grad, ref_grad, **TOL[dtype])
+
+
+@needs_c
+@pytest.mark.parametrize("device,dtype,shape", list(_cases()))
+def test_channel_interleave_matches_reference(device, dtype, shape):
+    half = (shape[0], shape[1] // 2, shape[2], shape[3])
+    a = torch.randn(*half, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    b = torch.randn(*half, dtype=torch.float64).to(device, dtype).requires_grad_(True)
+    out = ops.channel_interleave(a, b, backend=device)
+    ref = reference.channel_interleave(a, b)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (a, b), g),
+                               torch.autograd.grad(ref, (a, b), g), **TOL[dtype])
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck_fp64(device):
+    x = torch.randn(2, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.fastshift.channel_split(t), (x,))
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.fastshift.channel_split(t), (x,))
+    a = torch.randn(2, 3, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    b = torch.randn(2, 3, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
+    assert torch.autograd.gradcheck(torch.ops.fastshift.channel_interleave, (a, b))
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    x = torch.randn(2, 8, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastshift.channel_split.default, (x,))
+    a = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    b = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastshift.channel_interleave.default, (a, b))
+
+
+@needs_c
+def test_torch_compile_parity():
+    def f(x):
+        even, odd = torch.ops.fastshift.channel_split(x)
+        return torch.ops.fastshift.channel_interleave(odd * 2, even).sum(1)
+
+    x = torch.randn(2, 6, 4, 4)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), f(x))
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_op_errors_are_clear(device):
+    with pytest.raises(RuntimeError, match="channel count of x must be even"):
+        torch.ops.fastshift.channel_split(torch.zeros(1, 3, 2, 2, device=device))
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        torch.ops.fastshift.channel_split(torch.zeros(4, 2, 2, device=device))
+    with pytest.raises(RuntimeError, match="same shape"):
+        torch.ops.fastshift.channel_interleave(torch.zeros(1, 2, 2, 2, device=device),
+                                               torch.zeros(1, 3, 2, 2, device=device))
+
+
+def test_backend_choice(monkeypatch):
+    assert ops.resolve_backend("reference", torch.device("cpu")) == "reference"
+    with pytest.raises(ValueError, match="unknown fastshift backend 'fast'"):
+        ops.resolve_backend("fast", torch.device("cpu"))
+    monkeypatch.setenv("FASTSHIFT_BACKEND", "reference")
+    assert ops.resolve_backend(None, torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTSHIFT_BACKEND", "auto")
+    assert ops.resolve_backend(None, torch.device("cpu")) == ("cpu" if ops.HAVE_C else "reference")
+    if ops.cuda_built():
+        with pytest.raises(ValueError, match="cannot run tensors on device 'cpu'"):
+            ops.resolve_backend("cuda", torch.device("cpu"))
+    else:
+        with pytest.raises(RuntimeError, match="'cuda' was not built"):
+            ops.resolve_backend("cuda", torch.device("cpu"))
