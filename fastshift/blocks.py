@@ -57,7 +57,8 @@ class _Unit(nn.Module):
 
 
 class ShuffleUnit(_Unit):
-    """ShuffleNetV2 unit: main = pw(inp->mid) BN ReLU, dw(k, stride) BN, pw(mid->oup-inp) BN ReLU."""
+    """ShuffleNetV2 unit, main branch: pw(inp->mid) BN ReLU, dw(k, stride) BN,
+    pw(mid->oup-inp) BN ReLU."""
 
     def __init__(self, inp: int, oup: int, mid: int, *, kernel: int, stride: int,
                  backend: str | None = None):

@@ -142,8 +142,18 @@ def _load_supernet(path, space, num_classes):
     return net
 
 
+def _read(path):
+    """The raw checkpoint object, with the same clear errors as ``load_state_dict``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # unpickling errors come in many types
+        raise CliError(f"cannot read checkpoint {path}: {type(exc).__name__}: {exc}") from exc
+
+
 def _space_from_checkpoint(path):
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _read(path)
     if isinstance(obj, dict) and "space" in obj:
         return SearchSpace.from_config(obj["space"])
     if isinstance(obj, dict) and "config" in obj and "space" in obj["config"]:
@@ -234,7 +244,7 @@ def cmd_export(args):
         if not args.space:
             raise CliError(f"{path} does not record its space: pass --space")
         space = spaces.get(args.space)
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    obj = _read(path)
     if args.arch:
         arch = _parse_arch(args.arch, space)
     elif isinstance(obj, dict) and "searcher" in obj and obj["searcher"]["top"]:

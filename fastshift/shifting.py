@@ -92,7 +92,8 @@ def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: flo
 
 
 def _bn_modules(modules):
-    return [m for mod in modules for m in mod.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    return [m for mod in modules for m in mod.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm)]
 
 
 class Shifter:

@@ -19,8 +19,8 @@ its own choice, so FLOPs and parameters are sums of per-(layer, choice) table en
 from __future__ import annotations
 
 import itertools
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Sequence
 
 import numpy as np
 

@@ -1,0 +1,99 @@
+"""The `fastshift` command, run as a user runs it (a separate process)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastshift
+
+TINY = ["--population", "6", "--top-k", "2", "--mutations", "3", "--crossovers", "2",
+        "--generations", "1", "--train-steps", "2", "--train-batch-size", "32",
+        "--val-batches", "1", "--val-batch-size", "100", "--no-progress"]
+
+
+def fastshift_cli(*args, cwd=None, timeout=600):
+    return subprocess.run([sys.executable, "-m", "fastshift", *map(str, args)], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_demo(tmp_path):
+    proc = fastshift_cli("search", "--demo", "--out", tmp_path / "demo")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads((tmp_path / "demo" / "result.json").read_text())
+    log = (tmp_path / "demo" / "search_log.jsonl").read_text().splitlines()
+    assert result["evaluations"] == len(log) == 9 * 20
+    assert result["best_error"] < 0.3  # a trained digits supernet ranks well above chance
+    assert "best architecture" in proc.stdout
+    state = fastshift.load_state_dict(tmp_path / "demo" / "supernet_shifted.pt")
+    net = fastshift.Supernet(fastshift.spaces.digits())
+    net.load_state_dict(state)
+    assert "search" in proc.stderr  # the progress bar
+
+
+def test_train_search_export(tmp_path):
+    p = fastshift_cli("train-supernet", "--data", "digits", "--iterations", "30",
+                      "--batch-size", "64", "--lr", "0.1", "--out", tmp_path / "sn",
+                      "--no-progress")
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert (tmp_path / "sn" / "supernet.pt").exists()
+    p = fastshift_cli("search", "--supernet", tmp_path / "sn" / "supernet.pt", "--out",
+                      tmp_path / "search", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads((tmp_path / "search" / "result.json").read_text())
+    assert result["evaluations"] == 12
+    p = fastshift_cli("export", tmp_path / "search", "--out", tmp_path / "best.pt")
+    assert p.returncode == 0, p.stderr[-3000:]
+    exported = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert exported["arch"] == result["best_arch"]
+    space = fastshift.SearchSpace.from_config(exported["space"])
+    assert exported["flops"] == space.flops(exported["arch"])
+    p = fastshift_cli("export", tmp_path / "search", "--arch", "3,3,3,3", "--out",
+                      tmp_path / "x.pt")
+    assert p.returncode == 0 and torch.load(tmp_path / "x.pt", weights_only=True)["arch"] == [3] * 4
+    # resume a finished search from its folder: nothing left to do, same result
+    p = fastshift_cli("search", "--supernet", tmp_path / "sn" / "supernet.pt", "--out",
+                      tmp_path / "search", "--auto-resume", *TINY)
+    assert p.returncode == 0, p.stderr[-3000:]
+    again = json.loads((tmp_path / "search" / "result.json").read_text())
+    assert again["best_arch"] == result["best_arch"] and again["evaluations"] == 12
+
+
+@pytest.mark.parametrize("args,message", [
+    (["export", "{ckpt}", "--arch", "0,1,2", "--out", "{tmp}/x.pt"], "has 3 genes"),
+    (["export", "{ckpt}", "--arch", "0,1,2,9", "--out", "{tmp}/x.pt"], "gene 3 is 9"),
+    (["search", "--supernet", "{tmp}/missing.pt", "--out", "{tmp}/s"], "checkpoint not found"),
+    (["search", "--supernet", "{ckpt}", "--flops-limit", "10", "--out", "{tmp}/s"],
+     "below the smallest architecture"),
+    (["search", "--out", "{tmp}/s"], "needs --supernet"),
+])
+def test_cli_errors(tmp_path, args, message, trained_state):
+    ckpt = tmp_path / "sn.pt"
+    torch.save({"state_dict": trained_state,
+                "space": fastshift.spaces.digits().config()}, ckpt)
+    args = [a.format(ckpt=ckpt, tmp=tmp_path) for a in args]
+    p = fastshift_cli(*args, *([] if args[0] == "export" else TINY))
+    assert p.returncode == 2, (p.stdout, p.stderr)
+    assert message in p.stderr
+    assert "Traceback" not in p.stderr
+
+
+def test_wrong_checkpoint_for_space(tmp_path, trained_state):
+    ckpt = tmp_path / "sn.pt"
+    torch.save(trained_state, ckpt)  # no space recorded: --space decides
+    p = fastshift_cli("search", "--supernet", ckpt, "--space", "small32", "--out",
+                      tmp_path / "s", *TINY)
+    assert p.returncode == 2
+    assert "first_conv.0.weight" in p.stderr and "shape" in p.stderr
+
+
+def test_console_script_is_installed():
+    exe = os.path.join(os.path.dirname(sys.executable), "fastshift")
+    if not os.path.exists(exe):
+        pytest.skip("console script not installed in this environment")
+    p = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "fastshift" in p.stdout
