@@ -13,7 +13,7 @@ from torch import nn
 from . import ops
 from .space import Choice, LayerSpec
 
-__all__ = ["ShuffleUnit", "XceptionUnit", "build_block"]
+__all__ = ["ShuffleUnit", "XceptionUnit", "build_block", "run_sequential"]
 
 
 def _dw(channels: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -26,6 +26,13 @@ def _pw(c_in: int, c_out: int) -> nn.Conv2d:
 
 def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, affine=False)
+
+
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, batch_norm) -> torch.Tensor:
+    """Apply ``seq`` with its BatchNorms replaced by ``batch_norm(module, x)``."""
+    for m in seq:
+        x = batch_norm(m, x) if isinstance(m, nn.BatchNorm2d) else m(x)
+    return x
 
 
 class _Unit(nn.Module):
@@ -54,6 +61,16 @@ class _Unit(nn.Module):
             x_proj, x_main = ops.channel_split(x, backend=self.backend)
             return torch.cat((x_proj, self.branch_main(x_main)), 1)
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
+
+    def forward_grouped(self, x: torch.Tensor, batch_norm) -> torch.Tensor:
+        """``forward`` on rows of several subnets stacked along the batch: convs, ReLU and the
+        channel split act per row; every BatchNorm goes through ``batch_norm(module, x)``, which
+        normalises each row group with its own statistics (see ``fastshift.engine``)."""
+        if self.stride == 1:
+            x_proj, x_main = ops.channel_split(x, backend=self.backend)
+            return torch.cat((x_proj, run_sequential(self.branch_main, x_main, batch_norm)), 1)
+        return torch.cat((run_sequential(self.branch_proj, x, batch_norm),
+                          run_sequential(self.branch_main, x, batch_norm)), 1)
 
 
 class ShuffleUnit(_Unit):

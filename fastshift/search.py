@@ -91,6 +91,8 @@ def search(
     label_smoothing: float = 0.1,
     zero_grad: str = "none",
     seed: int = 0,
+    batch_subnets: int = 1,
+    max_rows: int | None = None,
     device=None,
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
@@ -118,6 +120,11 @@ def search(
         train_steps, train_batch_size, val_batches, val_batch_size, lr, momentum, weight_decay,
             label_smoothing, zero_grad: per-candidate work (``FitnessConfig``).
         seed: every random decision (evolution, batch order, dropout, new head) follows it.
+        batch_subnets: K > 1 evaluates the candidates of a generation K at a time
+            (``Shifter.evaluate_many``): each training step sums the K losses on one shared
+            batch, one backward, one optimizer step; one validation pass scores all K. 1 is the
+            released one-candidate-at-a-time order.
+        max_rows: memory bound of the batched engine (rows per layer; K is chunked).
         device: where to run (default: the supernet's device).
         checkpoint_dir: after every generation an atomic checkpoint (searcher, supernet,
             optimizer, data position, RNG state, history) is written to
@@ -154,7 +161,10 @@ def search(
         "crossovers": crossovers,
         "generations": generations,
         "seed": seed,
+        "batch_subnets": batch_subnets,
     }
+    if not isinstance(batch_subnets, int) or batch_subnets < 1:
+        raise ValueError(f"batch_subnets must be a positive int, got {batch_subnets!r}")
     # Constraints are checked (and impossible ones rejected) before any data is touched.
     searcher = EvolutionSearcher(
         space, population=population, top_k=top_k, mutations=mutations,
@@ -221,26 +231,36 @@ def search(
 
         bar = tqdm(total=total, initial=len(history), desc="search", unit="cand",
                    dynamic_ncols=True)
+    def _record(arch, fit):
+        index = len(history)
+        flops, params = searcher.cost(arch)
+        rec = {"index": index, "generation": searcher.generation, "arch": list(arch),
+               "flops": flops, "params": params, **fit}
+        searcher.record(arch, fit)
+        history.append(rec)
+        if log_file is not None:
+            log_file.write(json.dumps(rec) + "\n")
+            log_file.flush()
+        if bar is not None:
+            best = min(searcher.latest[a]["top1_err"] for a in searcher.top) \
+                if searcher.top else fit["top1_err"]
+            bar.set_postfix(gen=searcher.generation, err=f"{fit['top1_err']:.4f}",
+                            best=f"{best:.4f}")
+            bar.update(1)
+
     try:
         while not searcher.done:
-            gen = searcher.generation
             candidates = searcher.propose()
-            for arch in candidates:
-                index = len(history)
-                fit = shifter.evaluate(arch, seed=_derive_seed(seed, index))
-                flops, params = searcher.cost(arch)
-                rec = {"index": index, "generation": gen, "arch": list(arch), "flops": flops,
-                       "params": params, **fit}
-                searcher.record(arch, fit)
-                history.append(rec)
-                if log_file is not None:
-                    log_file.write(json.dumps(rec) + "\n")
-                    log_file.flush()
-                if bar is not None:
-                    best = min(searcher.latest[a]["top1_err"] for a in searcher.top) \
-                        if searcher.top else fit["top1_err"]
-                    bar.set_postfix(gen=gen, err=f"{fit['top1_err']:.4f}", best=f"{best:.4f}")
-                    bar.update(1)
+            for start in range(0, len(candidates), batch_subnets):
+                group = candidates[start:start + batch_subnets]
+                first = len(history)
+                if batch_subnets == 1:
+                    fits = [shifter.evaluate(group[0], seed=_derive_seed(seed, first))]
+                else:
+                    fits = shifter.evaluate_many(group, seed=_derive_seed(seed, first),
+                                                 max_rows=max_rows)
+                for arch, fit in zip(group, fits):
+                    _record(arch, fit)
             shifter.end_generation()
             searcher.rank(candidates)
             if checkpoint_dir is not None:
@@ -249,7 +269,7 @@ def search(
                         "format": "fastshift-search",
                         "version": FORMAT_VERSION,
                         "config": config,
-                        "generation_done": gen,
+                        "generation_done": searcher.generation - 1,
                         "searcher": searcher.state_dict(),
                         "shifter": shifter.state_dict(),
                         "supernet": net.state_dict(),

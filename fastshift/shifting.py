@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data import BatchStream, EvalSet
+from .engine import PathStats, plan_chunks
 from .space import Arch
 
 __all__ = ["FitnessConfig", "Shifter", "make_optimizer", "UPDATE_MODES", "ZERO_GRAD_MODES"]
@@ -236,6 +237,98 @@ class Shifter:
             "train_s": t1 - t0,
             "eval_s": t2 - t1,
         }
+
+    # -- batched evaluation ------------------------------------------------------------------
+    def evaluate_many(self, archs: list[Arch], *, seed: int, max_rows: int | None = None):
+        """Fitness of K candidates evaluated together (batched mode).
+
+        With shifting, each of the ``train_steps`` steps takes one training batch shared by the
+        K candidates, sums their K losses, runs one backward and (update="step") one optimizer
+        step; then one validation pass scores all K. Every candidate sees ``train_steps``
+        batches of ``train_batch_size`` and every validation image, as in sequential mode.
+        BN statistics are per candidate (``fastshift.engine.PathStats``), starting from the
+        supernet's at the start of the batch; afterwards each BN module holds the mean of the
+        statistics of the candidates that used it. Without shifting (SPOS), each candidate's
+        path statistics are reset and recomputed on the shared batches, and the supernet's are
+        left untouched. ``max_rows`` bounds the rows per layer (K is then processed in chunks,
+        gradients accumulated). Returns one dict per candidate, as ``evaluate``.
+        """
+        cfg = self.config
+        net = self.net
+        archs = [tuple(a) for a in archs]
+        k = len(archs)
+        t0 = time.perf_counter()
+        stats = PathStats(net, reset=not cfg.shifting)
+        losses = [0.0] * k
+        devices = [d for d in [net.classifier[0].weight.device] if d.type == "cuda"]
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            net.train()
+            if cfg.shifting and cfg.update == "candidate":
+                self._zero_grad()
+            for step in range(cfg.train_steps):
+                x, y = self.stream.next()
+                chunks = plan_chunks(archs, x.shape[0], max_rows)
+                if not cfg.shifting:
+                    with torch.no_grad():
+                        for chunk in chunks:
+                            net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                    continue
+                if cfg.update == "step":
+                    self._zero_grad()
+                for chunk in chunks:
+                    logits = net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                    per = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(chunk)),
+                                          label_smoothing=cfg.label_smoothing,
+                                          reduction="none").view(len(chunk), -1).mean(1)
+                    for i, value in zip(chunk, per.detach().tolist()):
+                        if not math.isfinite(value):
+                            raise FloatingPointError(
+                                f"training loss is {value} at step {step} of candidate "
+                                f"{archs[i]}: the supernet diverged (lower lr) or the data hold "
+                                "NaN/Inf"
+                            )
+                        losses[i] += value
+                    scale = 1.0 if cfg.update == "step" else 1.0 / cfg.train_steps
+                    (per.sum() * scale).backward()
+                if cfg.update == "step":
+                    self.optimizer.step()
+                    self.version += 1
+            if cfg.shifting and cfg.update == "candidate":
+                self.optimizer.step()
+                self.version += 1
+            elif cfg.shifting and cfg.update == "generation":
+                self._pending += k
+        t1 = time.perf_counter()
+        net.eval()
+        top1 = [0] * k
+        top5 = [0] * k
+        total = 0
+        with torch.no_grad():
+            for x, y in self.val_set.batches:
+                for chunk in plan_chunks(archs, x.shape[0], max_rows):
+                    logits = net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                    kk = min(5, logits.shape[-1])
+                    hit = logits.topk(kk, dim=-1).indices == y[None, :, None]
+                    for i, h1, h5 in zip(chunk, hit[..., 0].sum(1).tolist(),
+                                         hit.any(-1).sum(1).tolist()):
+                        top1[i] += h1
+                        top5[i] += h5
+                total += y.shape[0]
+        if cfg.shifting:
+            stats.write_back()
+        t2 = time.perf_counter()
+        return [
+            {
+                "top1_err": 1.0 - top1[i] / total,
+                "top5_err": 1.0 - top5[i] / total,
+                "train_loss": losses[i] / cfg.train_steps if cfg.shifting else float("nan"),
+                "supernet_version": self.version,
+                "train_s": (t1 - t0) / k,
+                "eval_s": (t2 - t1) / k,
+            }
+            for i in range(k)
+        ]
 
     def end_generation(self):
         """In ``generation`` mode: one SGD step on the gradients accumulated over the

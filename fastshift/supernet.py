@@ -19,6 +19,7 @@ from torch import nn
 
 from .blocks import build_block
 from .checkpoint import check_state_dict, normalize_state_dict
+from .engine import PathStats, forward_many
 from .space import Arch, SearchSpace
 
 __all__ = ["Supernet", "Subnet"]
@@ -122,6 +123,13 @@ class Supernet(_Classify):
         for choices, gene in zip(self.features, arch):
             x = choices[gene](x)
         return self._classify(x)
+
+    def forward_many(self, x: torch.Tensor, archs, *, stats: PathStats | None = None,
+                     max_rows: int | None = None, plans: list | None = None) -> torch.Tensor:
+        """K paths on one batch: ``x [B, C, H, W]`` -> logits ``[K, B, num_classes]``, sharing
+        the stem and common prefixes, with per-subnet BatchNorm statistics. See
+        ``fastshift.engine.forward_many``; K identical archs cost exactly ``net(x, arch)``."""
+        return forward_many(self, x, archs, stats=stats, max_rows=max_rows, plans=plans)
 
     def path_modules(self, arch) -> list[nn.Module]:
         """The modules a path uses: stem, one block per layer, tail and head."""

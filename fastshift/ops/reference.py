@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["channel_split", "channel_interleave"]
+__all__ = ["channel_split", "channel_interleave", "grouped_batch_norm"]
 
 
 def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,3 +34,33 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
         )
     b, c, h, w = even.shape
     return torch.stack((even, odd), dim=2).reshape(b, 2 * c, h, w)
+
+
+def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor | None,
+                       running_var: torch.Tensor | None, training: bool,
+                       momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
+    """BatchNorm without affine, with separate statistics for each of ``groups`` row groups.
+
+    ``x [G*N, C, H, W]`` holds G stacked batches of N rows (group g = rows g*N .. g*N+N-1);
+    ``running_mean`` / ``running_var`` are ``[G, C]``. Training: each group is normalised by its
+    own batch mean and biased variance and its running statistics are updated in place with the
+    unbiased variance (as ``F.batch_norm``). Eval: each group is normalised by its own running
+    statistics. Equivalent to ``F.batch_norm`` applied to every group separately.
+    """
+    gn, c, h, w = x.shape
+    if gn % groups:
+        raise ValueError(f"grouped_batch_norm: {gn} rows do not split into {groups} groups")
+    n = gn // groups
+    x5 = x.reshape(groups, n, c, h * w)
+    if training:
+        var, mean = torch.var_mean(x5, dim=(1, 3), unbiased=False)
+        if running_mean is not None:
+            count = n * h * w
+            with torch.no_grad():
+                running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
+                unbiased = var.detach() * (count / max(count - 1, 1))
+                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+    else:
+        mean, var = running_mean, running_var
+    y = (x5 - mean[:, None, :, None]) * torch.rsqrt(var + eps)[:, None, :, None]
+    return y.reshape(gn, c, h, w)

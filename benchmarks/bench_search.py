@@ -1,0 +1,225 @@
+"""End-to-end search throughput: candidate evaluations per second, side by side in one process.
+
+Modes (same space, same per-candidate work, same candidates):
+  reference      the released algorithm: one candidate at a time, plain PyTorch modules
+                 (backend "reference")
+  sequential     the same semantics through fastshift's fastest backend for the device
+  batched_kK     K candidates per step (Shifter.evaluate_many), K in --ks (default 10 25 50)
+
+Workload per candidate (--scale):
+  cpu   SPOS ShuffleNetV2 at 64x64, 20 train steps of 64 images, 25 validation batches of 128
+  gpu   SPOS ShuffleNetV2 at 224x224, 20 x 150 train, 25 x 500 validation (released settings)
+  tiny  the digits space (8x8), 5 x 32 train, 2 x 64 validation (for the pytest wrapper)
+Data are synthetic tensors (1000 classes for the SPOS space). The candidates are a real evolved
+generation (mutations and crossovers of a ranked random population, then random fill), so the
+prefix sharing is that of an actual search.
+
+GFLOP/s = 2 x multiply-adds of the useful work (a training step counted as 3 forward passes) /
+seconds. peak_gflops: a 2048^3 fp32 matmul timed in the same run (the machine's practical peak).
+
+usage: python benchmarks/bench_search.py --scale cpu --candidates 50 --out cpu.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+import fastshift
+from fastshift.data import BatchStream, EvalSet
+from fastshift.shifting import FitnessConfig, Shifter
+
+SCALES = {
+    "cpu": dict(space=lambda: fastshift.spaces.spos_shufflenetv2(64), train_steps=20,
+                train_batch=64, val_batches=25, val_batch=128),
+    "gpu": dict(space=lambda: fastshift.spaces.spos_shufflenetv2(224), train_steps=20,
+                train_batch=150, val_batches=25, val_batch=500),
+    "tiny": dict(space=fastshift.spaces.digits, train_steps=5, train_batch=32, val_batches=2,
+                 val_batch=64),
+}
+
+
+def evolved_generation(space, n, seed=0):
+    """Generation 1 of a seeded search whose generation 0 was ranked by a fixed score."""
+    searcher = fastshift.EvolutionSearcher(space, population=max(n, 20), top_k=10,
+                                           mutations=n // 2, crossovers=n // 2, seed=seed)
+    gen0 = searcher.propose()
+    for a in gen0:
+        searcher.record(a, {"top1_err": float(np.sin(sum(a) * 1.7 + a[0]))})
+    searcher.rank(gen0)
+    return searcher.propose()[:n]
+
+
+def peak_gflops(device):
+    a = torch.randn(2048, 2048, device=device)
+    b = torch.randn(2048, 2048, device=device)
+    for _ in range(2):
+        a @ b
+    reps = 5
+    _sync(device)
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    _sync(device)
+    return 2 * 2048**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def _sync(device):
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def make_data(space, scale, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = (space.in_channels, space.input_size, space.input_size)
+    n_train = max(scale["train_batch"] * 8, 256)
+    n_val = scale["val_batches"] * scale["val_batch"]
+    train = (torch.randn(n_train, *shape, generator=g),
+             torch.randint(0, space.num_classes, (n_train,), generator=g))
+    val = (torch.randn(n_val, *shape, generator=g),
+           torch.randint(0, space.num_classes, (n_val,), generator=g))
+    return train, val
+
+
+def make_shifter(net, train, val, scale, device, lr=1e-4, steps=None, val_batches=None):
+    cfg = FitnessConfig(train_steps=steps or scale["train_steps"],
+                        train_batch_size=scale["train_batch"],
+                        val_batches=val_batches or scale["val_batches"],
+                        val_batch_size=scale["val_batch"], lr=lr)
+    stream = BatchStream(train, cfg.train_batch_size, seed=1, device=device)
+    val_set = EvalSet.balanced(val, cfg.val_batches, cfg.val_batch_size, device=device)
+    return Shifter(net, stream, val_set, cfg)
+
+
+def with_backend(net, backend):
+    net = copy.deepcopy(net)
+    for m in net.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    return net
+
+
+def check_correctness(base, train, val, scale, device, fast_backend, archs):
+    """Before timing: the fast backend equals the reference on one candidate, and batched
+    fitness equals sequential fitness with lr = 0 (same weights, statistics and batches)."""
+    ref = make_shifter(with_backend(base, "reference"), train, val, scale, device, steps=2,
+                       val_batches=1)
+    fast = make_shifter(with_backend(base, fast_backend), train, val, scale, device, steps=2,
+                        val_batches=1)
+    a, b = ref.evaluate(archs[0], seed=0), fast.evaluate(archs[0], seed=0)
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-4, (a, b)
+    assert abs(a["top1_err"] - b["top1_err"]) <= 2.0 / scale["val_batch"], (a, b)
+    k = min(4, len(archs))
+    nodrop = with_backend(base, fast_backend)
+    nodrop.dropout.p = 0.0
+    batched = make_shifter(copy.deepcopy(nodrop), train, val, scale, device, lr=0.0, steps=2,
+                           val_batches=1).evaluate_many(archs[:k], seed=0)
+    for arch, fit in zip(archs[:k], batched):
+        seq = make_shifter(copy.deepcopy(nodrop), train, val, scale, device, lr=0.0, steps=2,
+                           val_batches=1).evaluate(arch, seed=0)
+        assert abs(seq["top1_err"] - fit["top1_err"]) <= 1.0 / scale["val_batch"], (seq, fit)
+        assert abs(seq["train_loss"] - fit["train_loss"]) < 1e-3, (seq, fit)
+
+
+def time_mode(base, backend, k, archs, train, val, scale, device, max_rows=None):
+    net = with_backend(base, backend)
+    shifter = make_shifter(net, train, val, scale, device)
+    # warm-up: one candidate (or one batch) outside the timing
+    if k == 1:
+        shifter.evaluate(archs[0], seed=0)
+    else:
+        warm = make_shifter(with_backend(base, backend), train, val, scale, device, steps=1,
+                            val_batches=1)
+        warm.evaluate_many(archs[:k], seed=0, max_rows=max_rows)
+    _sync(device)
+    t = time.perf_counter()
+    if k == 1:
+        for i, arch in enumerate(archs):
+            shifter.evaluate(arch, seed=i)
+    else:
+        for start in range(0, len(archs), k):
+            shifter.evaluate_many(archs[start:start + k], seed=start, max_rows=max_rows)
+    _sync(device)
+    return time.perf_counter() - t
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--scale", choices=sorted(SCALES), default="cpu")
+    parser.add_argument("--candidates", type=int, default=50)
+    parser.add_argument("--ks", type=int, nargs="+", default=[10, 25, 50])
+    parser.add_argument("--modes", nargs="+", default=None,
+                        help="subset of reference sequential batched (default all)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--out", default=None, help="JSON output file")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    scale = SCALES[args.scale]
+    space = scale["space"]()
+    base = fastshift.Supernet(space, generator=torch.Generator().manual_seed(0)).to(device)
+    train, val = make_data(space, scale, device)
+    archs = evolved_generation(space, args.candidates)
+    fast_backend = fastshift.ops.resolve_backend("auto", device)
+    check_correctness(base, train, val, scale, device, fast_backend, archs)
+
+    per_candidate_macs = [
+        space.flops(a) * (3 * scale["train_steps"] * scale["train_batch"]
+                          + scale["val_batches"] * scale["val_batch"]) for a in archs]
+    images = scale["train_steps"] * scale["train_batch"] + scale["val_batches"] * scale["val_batch"]
+    wanted = set(args.modes or ["reference", "sequential", "batched"])
+    plan = []
+    if "reference" in wanted:
+        plan.append(("reference", "reference", 1))
+    if "sequential" in wanted:
+        plan.append(("sequential", fast_backend, 1))
+    if "batched" in wanted:
+        plan += [(f"batched_k{k}", fast_backend, k) for k in args.ks if k <= len(archs)]
+    modes = {}
+    for name, backend, k in plan:
+        seconds = time_mode(base, backend, k, archs, train, val, scale, device, args.max_rows)
+        n = len(archs)
+        modes[name] = {
+            "backend": backend,
+            "k": k,
+            "seconds": seconds,
+            "s_per_candidate": seconds / n,
+            "candidates_per_s": n / seconds,
+            "images_per_s": images * n / seconds,
+            "gflops": 2 * sum(per_candidate_macs) / seconds / 1e9,
+        }
+        print(f"{name:>14}: {seconds / n:.3f} s/candidate", flush=True)
+    if "reference" in modes:
+        for row in modes.values():
+            row["speedup_vs_reference"] = modes["reference"]["seconds"] / row["seconds"]
+    result = {
+        "benchmark": "bench_search",
+        "scale": args.scale,
+        "workload": {"space": space.name, "input_size": space.input_size,
+                     "train_steps": scale["train_steps"], "train_batch": scale["train_batch"],
+                     "val_batches": scale["val_batches"], "val_batch": scale["val_batch"],
+                     "candidates": len(archs), "distinct_candidates": len(set(archs))},
+        "machine": platform.node() + " / " + platform.processor(),
+        "cpu_threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "peak_gflops": peak_gflops(device),
+        "modes": modes,
+    }
+    text = json.dumps(result, indent=2)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(text + "\n")
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,226 @@
+"""Multi-subnet execution: K architectures of one supernet on one batch.
+
+The stem runs once; then layer by layer the distinct prefixes of the K architectures (a trie)
+are computed, grouped by choice so that each choice module runs once per layer on the stacked
+rows of every prefix that picks it. Candidates that share choices 1..l share activations up to
+layer l, which is exact because they see the same batch and the same weights.
+
+BatchNorm keeps each subnet's statistics apart: in train mode every prefix is normalised by its
+own batch statistics (over its own B rows) and updates its own running statistics; in eval mode
+every prefix uses its own running statistics. Those live in a :class:`PathStats` store, keyed by
+(BN module, prefix), initialised from the supernet's buffers. Prefix-sharing subnets have equal
+statistics by construction, so a prefix stands for all the subnets that share it.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import run_sequential
+from .ops.reference import grouped_batch_norm
+
+__all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks"]
+
+
+class ExecutionPlan:
+    """The trie of K architectures.
+
+    ``levels[l]`` lists, for layer ``l``, one ``(choice, parent_rows, prefixes)`` group per
+    choice used there: the prefixes (of length l+1) that take ``choice`` and the indices of their
+    parents among the nodes of layer ``l-1`` (the stem for l = 0). Nodes of a layer are ordered
+    by (choice, parent), so concatenating the groups' outputs gives the layer's node order.
+    ``leaf[k]`` is the node of architecture k at the last layer.
+    """
+
+    def __init__(self, archs):
+        self.archs = [tuple(a) for a in archs]
+        if not self.archs:
+            raise ValueError("an execution plan needs at least one architecture")
+        num_layers = len(self.archs[0])
+        prev = {(): 0}
+        self.levels = []
+        for layer in range(num_layers):
+            distinct = sorted({a[: layer + 1] for a in self.archs},
+                              key=lambda p: (p[-1], prev[p[:-1]]))
+            groups = []
+            for choice, items in itertools.groupby(distinct, key=lambda p: p[-1]):
+                items = list(items)
+                groups.append((choice, [prev[p[:-1]] for p in items], items))
+            self.levels.append(groups)
+            prev = {p: i for i, p in enumerate(distinct)}
+        self.leaves = list(prev)
+        self.leaf = [prev[a] for a in self.archs]
+        self.computed: list[tuple[int, tuple]] = []  # (layer, prefix) per node computed
+
+    def nodes(self, layer: int) -> int:
+        return sum(len(g[2]) for g in self.levels[layer])
+
+    @property
+    def max_nodes(self) -> int:
+        return max(self.nodes(layer) for layer in range(len(self.levels)))
+
+    @property
+    def total_nodes(self) -> int:
+        """Block evaluations (one per distinct (prefix, layer)) instead of K * num_layers."""
+        return sum(self.nodes(layer) for layer in range(len(self.levels)))
+
+
+def _bn_modules(net: nn.Module):
+    return [(name, m) for name, m in net.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+class PathStats:
+    """Per-subnet BN running statistics for batched evaluation.
+
+    ``gather(module, prefixes)`` returns ``[G, C]`` running mean / var, rows of unseen prefixes
+    starting from the supernet's buffers as they were when the store was made. ``write_back()``
+    sets every BN module's buffers to the average over the prefixes that used it.
+    """
+
+    def __init__(self, net: nn.Module, *, reset: bool = False):
+        self.net = net
+        self.names = {id(m): name for name, m in _bn_modules(net)}
+        self.modules = {name: m for name, m in _bn_modules(net)}
+        if reset:  # SPOS recalibration: every subnet starts from mean 0, var 1
+            self.initial = {name: (torch.zeros_like(m.running_mean),
+                                   torch.ones_like(m.running_var))
+                            for name, m in self.modules.items()}
+        else:
+            self.initial = {name: (m.running_mean.detach().clone(),
+                                   m.running_var.detach().clone())
+                            for name, m in self.modules.items()}
+        self.rows: dict[tuple[str, tuple], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def gather(self, name: str, prefixes) -> tuple[torch.Tensor, torch.Tensor]:
+        mean0, var0 = self.initial[name]
+        means, vars_ = [], []
+        for p in prefixes:
+            m, v = self.rows.get((name, p), (mean0, var0))
+            means.append(m)
+            vars_.append(v)
+        return torch.stack(means), torch.stack(vars_)
+
+    def scatter(self, name: str, prefixes, mean: torch.Tensor, var: torch.Tensor):
+        for p, m, v in zip(prefixes, mean.unbind(0), var.unbind(0)):
+            self.rows[(name, p)] = (m, v)
+
+    def batch_norm(self, prefixes, training: bool):
+        """A ``batch_norm(module, x)`` callback for ``forward_grouped`` on these prefixes."""
+        groups = len(prefixes)
+
+        def apply(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+            name = self.names[id(module)]
+            mean, var = self.gather(name, prefixes)
+            momentum = module.momentum if module.momentum is not None else 0.1
+            if groups == 1:
+                rm, rv = mean[0], var[0]
+                y = F.batch_norm(x, rm, rv, training=training, momentum=momentum,
+                                 eps=module.eps)
+                mean, var = rm[None], rv[None]
+            else:
+                y = grouped_batch_norm(x, groups, mean, var, training, momentum, module.eps)
+            if training:
+                self.scatter(name, prefixes, mean, var)
+            return y
+
+        return apply
+
+    @torch.no_grad()
+    def write_back(self):
+        """Module buffers := mean over the prefixes that used each BN module (untouched
+        modules keep theirs)."""
+        by_name: dict[str, list] = {}
+        for (name, _), stats in self.rows.items():
+            by_name.setdefault(name, []).append(stats)
+        for name, stats in by_name.items():
+            module = self.modules[name]
+            module.running_mean.copy_(torch.stack([m for m, _ in stats]).mean(0))
+            module.running_var.copy_(torch.stack([v for _, v in stats]).mean(0))
+            if module.num_batches_tracked is not None:
+                module.num_batches_tracked += 1
+
+
+def plan_chunks(archs, batch_size: int, max_rows: int | None):
+    """Split architecture indices into consecutive chunks (in sorted-arch order, which keeps
+    shared prefixes together) whose widest layer holds at most ``max_rows`` rows."""
+    order = sorted(range(len(archs)), key=lambda k: tuple(archs[k]))
+    if max_rows is None:
+        return [order]
+    max_nodes = max(1, max_rows // max(batch_size, 1))
+    chunks, current = [], []
+    for k in order:
+        trial = current + [k]
+        if current and ExecutionPlan([archs[i] for i in trial]).max_nodes > max_nodes:
+            chunks.append(current)
+            current = [k]
+        else:
+            current = trial
+    chunks.append(current)
+    return chunks
+
+
+def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
+    training = net.training
+    batch = x.shape[0]
+    act = run_sequential(net.first_conv, x, stats.batch_norm([()], training))
+    for layer, groups in enumerate(plan.levels):
+        parents = act.shape[0] // batch
+        outs = []
+        for choice, parent_rows, prefixes in groups:
+            if parent_rows == list(range(parents)):
+                inp = act
+            else:
+                index = torch.tensor(parent_rows, device=act.device)
+                inp = act.view(parents, batch, *act.shape[1:]).index_select(0, index)
+                inp = inp.reshape(len(parent_rows) * batch, *act.shape[1:])
+            block = net.features[layer][choice]
+            outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training)))
+            plan.computed.extend((layer, p) for p in prefixes)
+        act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+    h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training))
+    h = net.dropout(h.mean((2, 3)))
+    logits = net.classifier(h).view(len(plan.leaves), batch, -1)
+    return logits[torch.tensor(plan.leaf, device=logits.device)]
+
+
+def forward_many(net, x: torch.Tensor, archs, *, stats: PathStats | None = None,
+                 max_rows: int | None = None, plans: list | None = None) -> torch.Tensor:
+    """Logits ``[K, B, num_classes]`` of K architectures on one batch ``x [B, C, H, W]``.
+
+    Equals ``torch.stack([net(x, a) for a in archs])`` when each subnet's BN statistics are its
+    own: in train mode each subnet is normalised by its own batch statistics and updates its own
+    running statistics in ``stats`` (a fresh :class:`PathStats` written back at the end when
+    None: each BN module then holds the mean of the updated statistics of the subnets that used
+    it); in eval mode each subnet uses its own running statistics from ``stats``.
+
+    ``max_rows`` bounds the rows (prefixes x B) of the widest layer: K is split into chunks.
+    ``plans``: a list that receives the ExecutionPlan of every chunk (for inspection).
+    Gradients flow to the shared weights as the sum over the K subnets.
+    """
+    archs = [net.space.validate(a) for a in archs]
+    if not archs:
+        raise ValueError("forward_many needs at least one architecture")
+    net._check_input(x)
+    if stats is None and len(set(archs)) == 1 and plans is None:
+        # one distinct path: exactly net(x, arch), with its own buffer updates
+        out = net(x, archs[0])
+        return out.unsqueeze(0).expand(len(archs), *out.shape)
+    own_stats = stats is None
+    if own_stats:
+        stats = PathStats(net)
+    chunks = plan_chunks(archs, x.shape[0], max_rows)
+    out = [None] * len(archs)
+    for chunk in chunks:
+        plan = ExecutionPlan([archs[k] for k in chunk])
+        if plans is not None:
+            plans.append(plan)
+        logits = _run_plan(net, x, plan, stats)
+        for k, row in zip(chunk, logits.unbind(0)):
+            out[k] = row
+    if own_stats and net.training:
+        stats.write_back()
+    return torch.stack(out)

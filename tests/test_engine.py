@@ -1,0 +1,176 @@
+"""The batched multi-subnet engine against the one-path reference: values, gradients, BN
+statistics, trie sharing, chunking, and batched fitness against sequential fitness."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastshift
+from fastshift.data import BatchStream, EvalSet
+from fastshift.engine import ExecutionPlan, PathStats
+from fastshift.shifting import FitnessConfig, Shifter
+
+SPACE = fastshift.SearchSpace(input_size=11, stage_repeats=(2, 2), stage_channels=(16, 24),
+                              last_channels=32, stem_channels=8, dropout=0.0, num_classes=5)
+ARCHS = [(0, 1, 2, 3), (0, 1, 2, 0), (0, 1, 2, 3), (3, 3, 3, 3), (1, 0, 2, 3), (0, 1, 0, 0),
+         (2, 2, 1, 0)]
+
+
+def make_net(seed=0, dtype=torch.float64):
+    net = fastshift.Supernet(SPACE, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    g = torch.Generator().manual_seed(seed + 1)
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.running_mean.shape, generator=g) - 0.5)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return net
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_forward_many_equals_per_path(train):
+    net = make_net().train(train)
+    copies = [copy.deepcopy(net) for _ in ARCHS]
+    x = torch.randn(6, 3, 11, 11, dtype=torch.float64)
+    stats = PathStats(net)
+    out = net.forward_many(x, ARCHS, stats=stats)
+    ref = torch.stack([c(x, a) for c, a in zip(copies, ARCHS)])
+    assert out.shape == (len(ARCHS), 6, 5)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    if train:  # each subnet's running statistics are its own
+        for c, a in zip(copies, ARCHS):
+            for layer, gene in enumerate(a):
+                block = c.features[layer][gene]
+                for name, m in block.named_modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        key = f"features.{layer}.{gene}.{name}"
+                        mean, var = stats.gather(key, [a[: layer + 1]])
+                        torch.testing.assert_close(mean[0], m.running_mean)
+                        torch.testing.assert_close(var[0], m.running_var)
+            mean, _ = stats.gather("conv_last.1", [a])
+            torch.testing.assert_close(mean[0], c.conv_last[1].running_mean)
+
+
+def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients():
+    rng = np.random.default_rng(0)
+    archs = ARCHS + [SPACE.sample(rng) for _ in range(5)]
+    net = make_net().train()
+    x = torch.randn(5, 3, 11, 11, dtype=torch.float64)
+    y = torch.randint(0, 5, (5,))
+    logits = net.forward_many(x, archs, stats=PathStats(net))
+    loss = sum(F.cross_entropy(logits[k], y, label_smoothing=0.1) for k in range(len(archs)))
+    loss.backward()
+    expected = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
+    for a in archs:
+        c = make_net().train()
+        F.cross_entropy(c(x, a), y, label_smoothing=0.1).backward()
+        for n, p in c.named_parameters():
+            if p.grad is not None:
+                expected[n] += p.grad
+    for n, p in net.named_parameters():
+        got = p.grad if p.grad is not None else torch.zeros_like(p)
+        torch.testing.assert_close(got, expected[n], rtol=1e-9, atol=1e-12, msg=n)
+
+
+def test_trie_computes_each_prefix_once():
+    rng = np.random.default_rng(1)
+    archs = ARCHS + [SPACE.sample(rng) for _ in range(20)]
+    net = make_net().train()
+    plans = []
+    net.forward_many(torch.randn(3, 3, 11, 11, dtype=torch.float64), archs, plans=plans)
+    (plan,) = plans
+    assert len(plan.computed) == len(set(plan.computed))
+    expected = {(layer, a[: layer + 1]) for a in archs for layer in range(SPACE.num_layers)}
+    assert set(plan.computed) == expected
+    assert plan.total_nodes == len(expected) < len(archs) * SPACE.num_layers
+
+
+def test_one_path_costs_exactly_net_forward():
+    a, b = make_net(), make_net()
+    a.train(), b.train()
+    x = torch.randn(4, 3, 11, 11, dtype=torch.float64)
+    out = a.forward_many(x, [ARCHS[0]])
+    torch.testing.assert_close(out[0], b(x, ARCHS[0]), rtol=0, atol=0)
+    for (k, u), v in zip(a.state_dict().items(), b.state_dict().values()):
+        torch.testing.assert_close(u, v, rtol=0, atol=0, msg=k)
+
+
+def test_chunking_by_max_rows_gives_the_same_result():
+    net = make_net().eval()
+    x = torch.randn(4, 3, 11, 11, dtype=torch.float64)
+    plans = []
+    chunked = net.forward_many(x, ARCHS, max_rows=8, plans=plans)
+    assert len(plans) > 1 and all(p.max_nodes * 4 <= 8 for p in plans)
+    torch.testing.assert_close(chunked, net.forward_many(x, ARCHS), rtol=0, atol=1e-12)
+
+
+def test_write_back_averages_the_users_of_each_module():
+    net = make_net().train()
+    x = torch.randn(4, 3, 11, 11, dtype=torch.float64)
+    archs = [(0, 1, 2, 3), (0, 1, 2, 0)]
+    copies = [copy.deepcopy(net) for _ in archs]
+    for c, a in zip(copies, archs):
+        c(x, a)
+    net.forward_many(x, archs)
+    bn = "conv_last.1"
+    want = (copies[0].get_submodule(bn).running_mean + copies[1].get_submodule(bn).running_mean) / 2
+    torch.testing.assert_close(net.get_submodule(bn).running_mean, want)
+    untouched = net.features[0][3].branch_main[1].running_mean
+    torch.testing.assert_close(untouched, make_net().features[0][3].branch_main[1].running_mean)
+
+
+def _digits_small():
+    split = fastshift.data.digits(seed=0)
+    space = fastshift.spaces.digits()
+    return split, space
+
+
+@pytest.mark.parametrize("shifting", [True, False])
+def test_batched_fitness_equals_sequential_with_lr_zero(shifting, trained_state):
+    """With lr = 0 the weights do not move, so each candidate's batched fitness must equal its
+    sequential fitness from the same weights, BN statistics and batches."""
+    split, space = _digits_small()
+    archs = [(0, 1, 2, 3), (0, 1, 3, 3), (2, 2, 2, 2), (0, 1, 2, 3), (3, 1, 0, 2)]
+    cfg = FitnessConfig(shifting=shifting, train_steps=3, train_batch_size=40, val_batches=2,
+                        val_batch_size=150, lr=0.0)
+    val = EvalSet.balanced(split["val"], 2, 150)
+
+    def net():
+        n = fastshift.Supernet(space, num_classes=10)
+        n.load_state_dict(trained_state)
+        n.dropout.p = 0.0  # dropout masks differ between the two orders
+        return n
+
+    batched = Shifter(net(), BatchStream(split["train"], 40, seed=1), val, cfg)
+    got = batched.evaluate_many(archs, seed=0)
+    for a, fit in zip(archs, got):
+        seq = Shifter(net(), BatchStream(split["train"], 40, seed=1), val, cfg)
+        want = seq.evaluate(a, seed=0)
+        assert fit["top1_err"] == want["top1_err"], a
+        assert fit["top5_err"] == want["top5_err"], a
+        if shifting:
+            assert fit["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
+
+
+def test_batched_search_runs_and_shifts(trained_state):
+    split, space = _digits_small()
+    net = fastshift.Supernet(space)
+    net.load_state_dict(trained_state)
+    result = fastshift.search(net, split["train"], split["val"], population=8, top_k=3,
+                              mutations=4, crossovers=3, generations=2, train_steps=2,
+                              train_batch_size=32, val_batches=1, val_batch_size=100,
+                              batch_subnets=3, progress=False)
+    h = result.history
+    assert len(h) == 24
+    # per generation of 8: batches of 3, 3, 2 candidates, 2 optimizer steps each
+    versions = [r["supernet_version"] for r in h[:8]]
+    assert versions == [2, 2, 2, 4, 4, 4, 6, 6]
+    moved = any(not torch.equal(v, trained_state[k]) for k, v in net.state_dict().items())
+    assert moved
+
+
+def test_plan_rejects_empty():
+    with pytest.raises(ValueError, match="at least one architecture"):
+        ExecutionPlan([])
