@@ -28,10 +28,16 @@ def _bn(channels: int) -> nn.BatchNorm2d:
     return nn.BatchNorm2d(channels, affine=False)
 
 
-def run_sequential(seq: nn.Sequential, x: torch.Tensor, batch_norm) -> torch.Tensor:
-    """Apply ``seq`` with its BatchNorms replaced by ``batch_norm(module, x)``."""
+def run_sequential(seq: nn.Sequential, x: torch.Tensor, batch_norm, conv=None) -> torch.Tensor:
+    """Apply ``seq`` with its BatchNorms replaced by ``batch_norm(module, x)`` and, when given,
+    its convs by ``conv(module, x)``."""
     for m in seq:
-        x = batch_norm(m, x) if isinstance(m, nn.BatchNorm2d) else m(x)
+        if isinstance(m, nn.BatchNorm2d):
+            x = batch_norm(m, x)
+        elif conv is not None and isinstance(m, nn.Conv2d):
+            x = conv(m, x)
+        else:
+            x = m(x)
     return x
 
 
@@ -62,15 +68,17 @@ class _Unit(nn.Module):
             return torch.cat((x_proj, self.branch_main(x_main)), 1)
         return torch.cat((self.branch_proj(x), self.branch_main(x)), 1)
 
-    def forward_grouped(self, x: torch.Tensor, batch_norm) -> torch.Tensor:
+    def forward_grouped(self, x: torch.Tensor, batch_norm, conv=None) -> torch.Tensor:
         """``forward`` on rows of several subnets stacked along the batch: convs, ReLU and the
         channel split act per row; every BatchNorm goes through ``batch_norm(module, x)``, which
-        normalises each row group with its own statistics (see ``fastshift.engine``)."""
+        normalises each row group with its own statistics, and convs through ``conv(module, x)``
+        when given (see ``fastshift.engine``)."""
         if self.stride == 1:
             x_proj, x_main = ops.channel_split(x, backend=self.backend)
-            return torch.cat((x_proj, run_sequential(self.branch_main, x_main, batch_norm)), 1)
-        return torch.cat((run_sequential(self.branch_proj, x, batch_norm),
-                          run_sequential(self.branch_main, x, batch_norm)), 1)
+            return torch.cat((x_proj, run_sequential(self.branch_main, x_main, batch_norm, conv)),
+                             1)
+        return torch.cat((run_sequential(self.branch_proj, x, batch_norm, conv),
+                          run_sequential(self.branch_main, x, batch_norm, conv)), 1)
 
 
 class ShuffleUnit(_Unit):

@@ -117,10 +117,8 @@ class PathStats:
             mean, var = self.gather(name, prefixes)
             momentum = module.momentum if module.momentum is not None else 0.1
             if groups == 1:
-                rm, rv = mean[0], var[0]
-                y = F.batch_norm(x, rm, rv, training=training, momentum=momentum,
+                y = F.batch_norm(x, mean[0], var[0], training=training, momentum=momentum,
                                  eps=module.eps)
-                mean, var = rm[None], rv[None]
             else:
                 y = grouped_batch_norm(x, groups, mean, var, training, momentum, module.eps)
             if training:
@@ -163,25 +161,59 @@ def plan_chunks(archs, batch_size: int, max_rows: int | None):
     return chunks
 
 
+def _gather_groups(pieces: list, parent_rows: list) -> torch.Tensor:
+    """The row groups ``pieces[p]`` for p in ``parent_rows``, stacked along the batch.
+
+    Built by ``torch.cat`` of views of the parent activation (split along the batch): the
+    backward only splits and adds gradients, where an ``index_select`` would zero-fill a
+    parent-sized gradient first (which dominates on CPU for large activations)."""
+    if len(parent_rows) == 1:
+        return pieces[parent_rows[0]]
+    fmt = (torch.channels_last if pieces[0].is_contiguous(memory_format=torch.channels_last)
+           else torch.contiguous_format)
+    return torch.cat([pieces[p] for p in parent_rows], 0).contiguous(memory_format=fmt)
+
+
+def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``m(x)`` for channels-last activations, with two exact reformulations:
+    a 1x1 conv is a matmul over the ``[pixels, C]`` rows; a stride-1 depthwise conv on a map
+    smaller than its kernel drops the taps that only ever meet padding (kernel k on an H x W map
+    acts as its central min(k, 2H-1) x min(k, 2W-1) taps)."""
+    k = m.kernel_size
+    if k == (1, 1) and m.groups == 1 and m.stride == (1, 1) and m.bias is None:
+        y = F.linear(x.permute(0, 2, 3, 1), m.weight.view(m.out_channels, m.in_channels))
+        return y.permute(0, 3, 1, 2)
+    if m.groups == m.in_channels and m.stride == (1, 1) and m.bias is None:
+        kh, kw = min(k[0], 2 * x.shape[2] - 1), min(k[1], 2 * x.shape[3] - 1)
+        if (kh, kw) != k:
+            oh, ow = (k[0] - kh) // 2, (k[1] - kw) // 2
+            weight = m.weight[:, :, oh:oh + kh, ow:ow + kw]
+            return F.conv2d(x, weight, None, 1, (kh // 2, kw // 2), 1, m.groups)
+    return m(x)
+
+
 def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
     training = net.training
     batch = x.shape[0]
-    act = run_sequential(net.first_conv, x, stats.batch_norm([()], training))
+    conv = conv_channels_last
+    x = x.contiguous(memory_format=torch.channels_last)
+    act = run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv)
     for layer, groups in enumerate(plan.levels):
         parents = act.shape[0] // batch
+        pieces = None
         outs = []
         for choice, parent_rows, prefixes in groups:
             if parent_rows == list(range(parents)):
                 inp = act
             else:
-                index = torch.tensor(parent_rows, device=act.device)
-                inp = act.view(parents, batch, *act.shape[1:]).index_select(0, index)
-                inp = inp.reshape(len(parent_rows) * batch, *act.shape[1:])
+                if pieces is None:
+                    pieces = act.split(batch, 0)
+                inp = _gather_groups(pieces, parent_rows)
             block = net.features[layer][choice]
-            outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training)))
+            outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training), conv))
             plan.computed.extend((layer, p) for p in prefixes)
         act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training))
+    h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training), conv)
     h = net.dropout(h.mean((2, 3)))
     logits = net.classifier(h).view(len(plan.leaves), batch, -1)
     return logits[torch.tensor(plan.leaf, device=logits.device)]

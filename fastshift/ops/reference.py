@@ -37,34 +37,41 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
 
 
 class _GroupedBatchNorm(torch.autograd.Function):
-    """y = (x - mean_g) / sqrt(var_g + eps) per (group, channel), with the textbook backward
+    """y = (x - mean) * rstd with per-(group, channel) statistics, and the textbook backward
     dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) (means over the group's rows and
-    pixels), expressed as dx = dy * rstd + x * beta + gamma with per-(group, channel) beta and
-    gamma so that x, not the output (which a following in-place ReLU overwrites), is saved."""
+    pixels), written as dx = dy * rstd + x * beta + gamma with per-(group, channel) beta and
+    gamma, so that x, not the output (which a following in-place ReLU overwrites), is saved.
+
+    ``xg`` is ``[G, N, C, P]`` (NCHW rows) or ``[G, M, C]`` (channels-last rows); ``dims`` are the
+    reduction dims and ``view`` the shape that broadcasts ``[G, C]`` statistics against ``xg``.
+    """
 
     @staticmethod
-    def forward(ctx, x5, mean, rstd, training):
-        # x5 [G, N, C, P]; mean, rstd [G, C]
-        ctx.training = training
-        ctx.save_for_backward(x5, mean, rstd)
-        m = mean[:, None, :, None]
-        r = rstd[:, None, :, None]
-        return (x5 - m) * r
+    def forward(ctx, xg, mean, rstd, training, dims, view):
+        ctx.training, ctx.dims, ctx.view = training, dims, view
+        ctx.save_for_backward(xg, mean, rstd)
+        return (xg - mean.view(view)) * rstd.view(view)
 
     @staticmethod
     def backward(ctx, gy):
-        x5, mean, rstd = ctx.saved_tensors
-        r = rstd[:, None, :, None]
-        if not ctx.training:  # statistics are constants
-            return gy * r, None, None, None
-        count = x5.shape[1] * x5.shape[3]
-        sum_gy = gy.sum((1, 3))
-        sum_gy_x = (gy * x5).sum((1, 3))
+        xg, mean, rstd = ctx.saved_tensors
+        view = ctx.view
+        if not ctx.training:  # the statistics are constants
+            return gy * rstd.view(view), None, None, None, None, None
+        count = 1
+        for d in ctx.dims:
+            count *= xg.shape[d]
+        sum_gy = gy.sum(ctx.dims)
+        sum_gy_x = (gy * xg).sum(ctx.dims)
         sum_gy_xhat = rstd * (sum_gy_x - mean * sum_gy)
         beta = -(rstd * rstd) * sum_gy_xhat / count
         gamma = -rstd * sum_gy / count - beta * mean
-        dx = torch.addcmul(gy * r + gamma[:, None, :, None], x5, beta[:, None, :, None])
-        return dx, None, None, None
+        dx = torch.addcmul(gy * rstd.view(view) + gamma.view(view), xg, beta.view(view))
+        return dx, None, None, None, None, None
+
+
+def _is_channels_last(x: torch.Tensor) -> bool:
+    return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
 def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor | None,
@@ -72,21 +79,27 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
                        momentum: float = 0.1, eps: float = 1e-5) -> torch.Tensor:
     """BatchNorm without affine, with separate statistics for each of ``groups`` row groups.
 
-    ``x [G*N, C, H, W]`` holds G stacked batches of N rows (group g = rows g*N .. g*N+N-1);
-    ``running_mean`` / ``running_var`` are ``[G, C]``. Training: each group is normalised by its
-    own batch mean and biased variance and its running statistics are updated in place with the
-    unbiased variance (as ``F.batch_norm``). Eval: each group is normalised by its own running
-    statistics. Equivalent to ``F.batch_norm`` applied to every group separately, values and
-    gradients (tested against it, and by gradcheck in float64).
+    ``x [G*N, C, H, W]`` (contiguous or channels-last) holds G stacked batches of N rows
+    (group g = rows g*N .. g*N+N-1); ``running_mean`` / ``running_var`` are ``[G, C]``.
+    Training: each group is normalised by its own batch mean and biased variance, and its
+    running statistics are updated in place with the unbiased variance (as ``F.batch_norm``).
+    Eval: each group is normalised by its own running statistics. Equivalent to
+    ``F.batch_norm`` applied to every group separately, values and gradients (tested against
+    it, and by gradcheck in float64).
     """
     gn, c, h, w = x.shape
     if gn % groups:
         raise ValueError(f"grouped_batch_norm: {gn} rows do not split into {groups} groups")
     n = gn // groups
-    x5 = x.reshape(groups, n, c, h * w)
+    if _is_channels_last(x):  # rows of a group are contiguous [N*H*W, C] blocks
+        xg = x.permute(0, 2, 3, 1).reshape(groups, n * h * w, c)
+        dims, view = (1,), (groups, 1, c)
+    else:
+        xg = x.reshape(groups, n, c, h * w)
+        dims, view = (1, 3), (groups, 1, c, 1)
     if training:
         with torch.no_grad():
-            var, mean = torch.var_mean(x5, dim=(1, 3), unbiased=False)
+            var, mean = torch.var_mean(xg, dim=dims, unbiased=False)
         if running_mean is not None:
             count = n * h * w
             with torch.no_grad():
@@ -96,5 +109,7 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
     else:
         mean, var = running_mean, running_var
     rstd = torch.rsqrt(var.detach() + eps)
-    y = _GroupedBatchNorm.apply(x5, mean.detach(), rstd, training)
+    y = _GroupedBatchNorm.apply(xg, mean.detach(), rstd, training, dims, view)
+    if len(dims) == 1:
+        return y.reshape(gn, h, w, c).permute(0, 3, 1, 2)
     return y.reshape(gn, c, h, w)
