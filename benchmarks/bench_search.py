@@ -115,11 +115,13 @@ def check_correctness(base, train, val, scale, device, fast_backend, archs):
     fast = make_shifter(with_backend(base, fast_backend), train, val, scale, device, steps=2,
                         val_batches=1)
     a, b = ref.evaluate(archs[0], seed=0), fast.evaluate(archs[0], seed=0)
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-4, (a, b)
+    # fp32: the engine reorders sums (channels-last, matmuls): relative 1e-4 on the loss
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 * abs(a["train_loss"]), (a, b)
     assert abs(a["top1_err"] - b["top1_err"]) <= 2.0 / scale["val_batch"], (a, b)
     seq_engine = make_shifter(with_backend(base, fast_backend), train, val, scale, device,
                               steps=2, val_batches=1).evaluate_many([archs[0]], seed=0)[0]
-    assert abs(a["train_loss"] - seq_engine["train_loss"]) < 1e-4, (a, seq_engine)
+    assert abs(a["train_loss"] - seq_engine["train_loss"]) < 1e-4 * abs(a["train_loss"]), (
+        a, seq_engine)
     assert abs(a["top1_err"] - seq_engine["top1_err"]) <= 2.0 / scale["val_batch"]
     k = min(4, len(archs))
     nodrop = with_backend(base, fast_backend)
@@ -130,7 +132,8 @@ def check_correctness(base, train, val, scale, device, fast_backend, archs):
         seq = make_shifter(copy.deepcopy(nodrop), train, val, scale, device, lr=0.0, steps=2,
                            val_batches=1).evaluate(arch, seed=0)
         assert abs(seq["top1_err"] - fit["top1_err"]) <= 1.0 / scale["val_batch"], (seq, fit)
-        assert abs(seq["train_loss"] - fit["train_loss"]) < 1e-3, (seq, fit)
+        assert abs(seq["train_loss"] - fit["train_loss"]) < 1e-4 * abs(seq["train_loss"]), (
+            seq, fit)
 
 
 def time_mode(base, backend, k, archs, train, val, scale, device, max_rows=None):

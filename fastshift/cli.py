@@ -123,7 +123,8 @@ def _search_kwargs(args) -> dict:
     names = ["flops_limit", "params_limit", "update", "population", "top_k", "mutations",
              "mutation_prob", "crossovers", "generations", "train_steps", "train_batch_size",
              "val_batches", "val_batch_size", "lr", "momentum", "weight_decay",
-             "label_smoothing", "zero_grad", "seed", "num_classes"]
+             "label_smoothing", "zero_grad", "seed", "num_classes", "batch_subnets",
+             "max_rows"]
     for name in names:
         value = getattr(args, name)
         if value is not None:
@@ -308,7 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
                       ("mutation-prob", float), ("crossovers", int), ("generations", int),
                       ("train-steps", int), ("train-batch-size", int), ("val-batches", int),
                       ("val-batch-size", int), ("lr", float), ("momentum", float),
-                      ("weight-decay", float), ("label-smoothing", float), ("seed", int)):
+                      ("weight-decay", float), ("label-smoothing", float), ("seed", int),
+                      ("batch-subnets", int), ("max-rows", int)):
         p.add_argument(f"--{name}", type=typ)
     p.add_argument("--zero-grad", choices=["none", "zeros"])
     p.set_defaults(func=cmd_search)

@@ -174,3 +174,52 @@ def test_batched_search_runs_and_shifts(trained_state):
 def test_plan_rejects_empty():
     with pytest.raises(ValueError, match="at least one architecture"):
         ExecutionPlan([])
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape,groups", [((6, 5, 3, 2), 3), ((4, 3, 1, 1), 2), ((5, 4, 2, 3), 1)])
+def test_grouped_batch_norm_equals_per_group_batch_norm(channels_last, training, shape, groups):
+    from fastshift.ops.reference import grouped_batch_norm
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    x.requires_grad_(True)
+    c = shape[1]
+    rm = torch.rand(groups, c, dtype=torch.float64, generator=g)
+    rv = torch.rand(groups, c, dtype=torch.float64, generator=g) + 0.5
+    rm2, rv2 = rm.clone(), rv.clone()
+    y = grouped_batch_norm(x, groups, rm, rv, training)
+    n = shape[0] // groups
+    ref = torch.cat([F.batch_norm(x[i * n:(i + 1) * n], rm2[i], rv2[i], training=training)
+                     for i in range(groups)])
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(rm, rm2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rv, rv2, rtol=1e-12, atol=1e-12)
+    gy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0],
+                               torch.autograd.grad(ref, x, gy)[0], rtol=1e-9, atol=1e-10)
+    stats = (None, None) if training else (rm, rv)
+    assert torch.autograd.gradcheck(
+        lambda t: grouped_batch_norm(t, groups, *stats, training), (x,))
+
+
+@pytest.mark.parametrize("kernel,size", [(1, 5), (3, 2), (5, 2), (7, 2), (7, 3), (7, 4), (5, 1)])
+def test_conv_channels_last_reformulations_are_exact(kernel, size):
+    from fastshift.engine import conv_channels_last
+
+    torch.manual_seed(kernel * 10 + size)
+    c = 6
+    groups = 1 if kernel == 1 else c
+    conv = torch.nn.Conv2d(c, c, kernel, 1, kernel // 2, groups=groups, bias=False).double()
+    x = torch.randn(3, c, size, size + 1, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    y = conv_channels_last(conv, x)
+    ref = conv(x)
+    torch.testing.assert_close(y, ref, rtol=1e-10, atol=1e-12)
+    gy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, (x, conv.weight), gy)
+    want = torch.autograd.grad(ref, (x, conv.weight), gy)
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)

@@ -8,14 +8,10 @@
 
 #include <cstring>
 
+#include "../shuffle_checks.h"
+
 namespace fastshift {
 namespace {
-
-void check_split_input(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 4, "channel_split: x must be 4-D [B, C, H, W], got ", x.dim(), "-D");
-  TORCH_CHECK(x.size(1) % 2 == 0, "channel_split: the channel count of x must be even, got ",
-              x.size(1));
-}
 
 // Copies plane pairs: for every (b, c) of the half tensors, plane 2c + p of the full tensor
 // <-> plane c of half tensor p. to_halves selects the direction.
@@ -40,7 +36,7 @@ void copy_planes(char* full, char* even, char* odd, int64_t batch, int64_t half_
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x_in) {
-  check_split_input(x_in);
+  check_channel_split(x_in);
   const at::Tensor x = x_in.contiguous();
   const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   at::Tensor even = at::empty({B, C / 2, H, W}, x.options());
@@ -52,13 +48,7 @@ std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x_in) {
 }
 
 at::Tensor channel_interleave_cpu(const at::Tensor& even_in, const at::Tensor& odd_in) {
-  TORCH_CHECK(even_in.dim() == 4, "channel_interleave: even must be 4-D, got ", even_in.dim(),
-              "-D");
-  TORCH_CHECK(even_in.sizes() == odd_in.sizes(),
-              "channel_interleave: even and odd must have the same shape, got ", even_in.sizes(),
-              " and ", odd_in.sizes());
-  TORCH_CHECK(even_in.scalar_type() == odd_in.scalar_type(),
-              "channel_interleave: even and odd must have the same dtype");
+  check_channel_interleave(even_in, odd_in);
   const at::Tensor even = even_in.contiguous();
   const at::Tensor odd = odd_in.contiguous();
   const int64_t B = even.size(0), Ch = even.size(1), H = even.size(2), W = even.size(3);

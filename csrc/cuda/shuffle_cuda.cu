@@ -8,6 +8,8 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../shuffle_checks.h"
+
 namespace fastshift {
 namespace {
 
@@ -52,10 +54,7 @@ void launch(const at::Tensor& full, const at::Tensor& even, const at::Tensor& od
 }
 
 std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.dim() == 4, "channel_split: x must be 4-D [B, C, H, W], got ", x_in.dim(),
-              "-D");
-  TORCH_CHECK(x_in.size(1) % 2 == 0, "channel_split: the channel count of x must be even, got ",
-              x_in.size(1));
+  check_channel_split(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
   const auto sizes = std::vector<int64_t>{x.size(0), x.size(1) / 2, x.size(2), x.size(3)};
@@ -66,13 +65,7 @@ std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
 }
 
 at::Tensor channel_interleave_cuda(const at::Tensor& even_in, const at::Tensor& odd_in) {
-  TORCH_CHECK(even_in.dim() == 4, "channel_interleave: even must be 4-D, got ", even_in.dim(),
-              "-D");
-  TORCH_CHECK(even_in.sizes() == odd_in.sizes(),
-              "channel_interleave: even and odd must have the same shape, got ", even_in.sizes(),
-              " and ", odd_in.sizes());
-  TORCH_CHECK(even_in.scalar_type() == odd_in.scalar_type(),
-              "channel_interleave: even and odd must have the same dtype");
+  check_channel_interleave(even_in, odd_in);
   const c10::cuda::CUDAGuard guard(even_in.device());
   const at::Tensor even = even_in.contiguous();
   const at::Tensor odd = odd_in.contiguous();
