@@ -143,8 +143,8 @@ class Shifter:
     def _loss(self, logits, y):
         return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
 
-    def _check_finite(self, loss, arch, step):
-        value = float(loss.detach())
+    @staticmethod
+    def _check_finite(value: float, arch, step: int) -> float:
         if not math.isfinite(value):
             raise FloatingPointError(
                 f"training loss is {value} at step {step} of candidate {tuple(arch)}: the "
@@ -165,7 +165,7 @@ class Shifter:
         for step in range(cfg.train_steps):
             x, y = self.stream.next()
             loss = self._loss(net(x, arch), y)
-            total += self._check_finite(loss, arch, step)
+            total += self._check_finite(float(loss.detach()), arch, step)
             if cfg.update == "step":
                 self._zero_grad()
                 loss.backward()
@@ -282,13 +282,7 @@ class Shifter:
                                           label_smoothing=cfg.label_smoothing,
                                           reduction="none").view(len(chunk), -1).mean(1)
                     for i, value in zip(chunk, per.detach().tolist()):
-                        if not math.isfinite(value):
-                            raise FloatingPointError(
-                                f"training loss is {value} at step {step} of candidate "
-                                f"{archs[i]}: the supernet diverged (lower lr) or the data hold "
-                                "NaN/Inf"
-                            )
-                        losses[i] += value
+                        losses[i] += self._check_finite(value, archs[i], step)
                     scale = 1.0 if cfg.update == "step" else 1.0 / cfg.train_steps
                     (per.sum() * scale).backward()
                 if cfg.update == "step":

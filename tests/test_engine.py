@@ -223,3 +223,13 @@ def test_conv_channels_last_reformulations_are_exact(kernel, size):
     got = torch.autograd.grad(y, (x, conv.weight), gy)
     want = torch.autograd.grad(ref, (x, conv.weight), gy)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_batched_nan_loss_names_the_candidate(digits_split, digits_space):
+    x, y = digits_split["train"]
+    bad = torch.full_like(x, float("nan"))
+    with pytest.raises(FloatingPointError, match=r"training loss is nan at step 0 of candidate"):
+        fastshift.search(fastshift.Supernet(digits_space), (bad, y), digits_split["val"],
+                         population=4, top_k=2, mutations=2, crossovers=1, generations=0,
+                         train_steps=1, train_batch_size=16, val_batches=1, val_batch_size=50,
+                         batch_subnets=2, progress=False)
