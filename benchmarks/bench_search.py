@@ -89,13 +89,15 @@ def make_data(space, scale, device, seed=0):
     return train, val
 
 
-def make_shifter(net, train, val, scale, device, lr=1e-4, steps=None, val_batches=None):
+def make_shifter(net, train, val, scale, device, lr=1e-4, steps=None, val_batches=None,
+                 dtype=torch.float32):
     cfg = FitnessConfig(train_steps=steps or scale["train_steps"],
                         train_batch_size=scale["train_batch"],
                         val_batches=val_batches or scale["val_batches"],
                         val_batch_size=scale["val_batch"], lr=lr)
-    stream = BatchStream(train, cfg.train_batch_size, seed=1, device=device)
-    val_set = EvalSet.balanced(val, cfg.val_batches, cfg.val_batch_size, device=device)
+    stream = BatchStream(train, cfg.train_batch_size, seed=1, device=device, dtype=dtype)
+    val_set = EvalSet.balanced(val, cfg.val_batches, cfg.val_batch_size, device=device,
+                               dtype=dtype)
     return Shifter(net, stream, val_set, cfg)
 
 
@@ -108,31 +110,28 @@ def with_backend(net, backend):
 
 
 def check_correctness(base, train, val, scale, device, fast_backend, archs):
-    """Before timing: the fast backend equals the reference on one candidate, and batched
-    fitness equals sequential fitness with lr = 0 (same weights, statistics and batches)."""
-    ref = make_shifter(with_backend(base, "reference"), train, val, scale, device, steps=2,
-                       val_batches=1)
-    fast = make_shifter(with_backend(base, fast_backend), train, val, scale, device, steps=2,
-                        val_batches=1)
-    a, b = ref.evaluate(archs[0], seed=0), fast.evaluate(archs[0], seed=0)
-    # fp32: the engine reorders sums (channels-last, matmuls): relative 1e-4 on the loss
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-4 * abs(a["train_loss"]), (a, b)
-    assert abs(a["top1_err"] - b["top1_err"]) <= 2.0 / scale["val_batch"], (a, b)
-    seq_engine = make_shifter(with_backend(base, fast_backend), train, val, scale, device,
-                              steps=2, val_batches=1).evaluate_many([archs[0]], seed=0)[0]
-    assert abs(a["train_loss"] - seq_engine["train_loss"]) < 1e-4 * abs(a["train_loss"]), (
-        a, seq_engine)
-    assert abs(a["top1_err"] - seq_engine["top1_err"]) <= 2.0 / scale["val_batch"]
+    """Before timing, in float64 (the fp32 rounding of a deep random-init network is larger
+    than any semantic tolerance): the engine (K = 1, fast backend) equals the reference on one
+    candidate, and batched fitness equals sequential fitness with lr = 0 (same weights,
+    statistics and batches)."""
+    f64 = torch.float64
+    base = copy.deepcopy(base).to(f64)
+    base.dropout.p = 0.0  # the batched pass draws its masks in another order
+
+    def shifter(backend, lr=1e-4):
+        return make_shifter(with_backend(base, backend), train, val, scale, device, lr=lr,
+                            steps=2, val_batches=1, dtype=f64)
+
+    a = shifter("reference").evaluate(archs[0], seed=0)
+    b = shifter(fast_backend).evaluate_many([archs[0]], seed=0)[0]
+    assert abs(a["train_loss"] - b["train_loss"]) < 1e-9 * abs(a["train_loss"]), (a, b)
+    assert a["top1_err"] == b["top1_err"] and a["top5_err"] == b["top5_err"], (a, b)
     k = min(4, len(archs))
-    nodrop = with_backend(base, fast_backend)
-    nodrop.dropout.p = 0.0
-    batched = make_shifter(copy.deepcopy(nodrop), train, val, scale, device, lr=0.0, steps=2,
-                           val_batches=1).evaluate_many(archs[:k], seed=0)
+    batched = shifter(fast_backend, lr=0.0).evaluate_many(archs[:k], seed=0)
     for arch, fit in zip(archs[:k], batched):
-        seq = make_shifter(copy.deepcopy(nodrop), train, val, scale, device, lr=0.0, steps=2,
-                           val_batches=1).evaluate(arch, seed=0)
-        assert abs(seq["top1_err"] - fit["top1_err"]) <= 1.0 / scale["val_batch"], (seq, fit)
-        assert abs(seq["train_loss"] - fit["train_loss"]) < 1e-4 * abs(seq["train_loss"]), (
+        seq = shifter("reference", lr=0.0).evaluate(arch, seed=0)
+        assert seq["top1_err"] == fit["top1_err"] and seq["top5_err"] == fit["top5_err"]
+        assert abs(seq["train_loss"] - fit["train_loss"]) < 1e-9 * abs(seq["train_loss"]), (
             seq, fit)
 
 
@@ -214,7 +213,8 @@ def main(argv=None):
         "workload": {"space": space.name, "input_size": space.input_size,
                      "train_steps": scale["train_steps"], "train_batch": scale["train_batch"],
                      "val_batches": scale["val_batches"], "val_batch": scale["val_batch"],
-                     "candidates": len(archs), "distinct_candidates": len(set(archs))},
+                     "candidates": len(archs), "distinct_candidates": len(set(archs)),
+                     "max_rows": args.max_rows},
         "machine": platform.node() + " / " + platform.processor(),
         "cpu_threads": torch.get_num_threads(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
