@@ -14,6 +14,7 @@ measured, and the supernet's previous BN statistics are put back.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import asdict, dataclass
@@ -26,7 +27,8 @@ from .data import BatchStream, EvalSet
 from .engine import PathStats, plan_chunks
 from .space import Arch
 
-__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "UPDATE_MODES", "ZERO_GRAD_MODES"]
+__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "seeded_rng", "UPDATE_MODES",
+           "ZERO_GRAD_MODES"]
 
 UPDATE_MODES = ("step", "candidate", "generation")
 ZERO_GRAD_MODES = ("none", "zeros")
@@ -90,6 +92,16 @@ def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: flo
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
     return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+
+
+@contextlib.contextmanager
+def seeded_rng(net: nn.Module, seed: int):
+    """Run the body with the torch RNG of ``net``'s device seeded by ``seed`` (dropout masks),
+    restoring the global RNG state afterwards."""
+    device = next(net.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _bn_modules(modules):
@@ -209,10 +221,7 @@ class Shifter:
         """Fitness of one candidate. ``seed`` fixes the dropout randomness of its training
         steps (the global torch RNG is left untouched)."""
         t0 = time.perf_counter()
-        devices = [self.net.classifier[0].weight.device] if torch.cuda.is_available() else []
-        devices = [d for d in devices if d.type == "cuda"]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(self.net, seed):
             if self.config.shifting:
                 train_loss = self._train(arch)
                 saved = None
@@ -260,9 +269,7 @@ class Shifter:
         t0 = time.perf_counter()
         stats = PathStats(net, reset=not cfg.shifting)
         losses = [0.0] * k
-        devices = [d for d in [net.classifier[0].weight.device] if d.type == "cuda"]
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+        with seeded_rng(net, seed):
             net.train()
             if cfg.shifting and cfg.update == "candidate":
                 self._zero_grad()

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from .checkpoint import FORMAT_VERSION, atomic_save
 from .data import BatchStream
-from .shifting import make_optimizer
+from .shifting import make_optimizer, seeded_rng
 from .supernet import Supernet
 
 __all__ = ["train_supernet", "sample_path", "TRAIN_CHECKPOINT_NAME"]
@@ -125,8 +125,7 @@ def train_supernet(
         for it in range(start, iterations):
             arch = sample_path(net.space, rng, flops_bins, net.num_classes)
             x, y = stream.next()
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(seed * 1_000_003 + it)
+            with seeded_rng(net, seed * 1_000_003 + it):
                 loss = F.cross_entropy(net(x, arch), y, label_smoothing=label_smoothing)
             value = float(loss.detach())
             if not math.isfinite(value):
