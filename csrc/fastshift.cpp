@@ -23,6 +23,35 @@ TORCH_LIBRARY(fastshift, m) {
   // Inverse of channel_split (and its backward): (even, odd) [B, C/2, H, W] -> [B, C, H, W]
   // with out[:, 0::2] = even and out[:, 1::2] = odd.
   m.def("channel_interleave(Tensor even, Tensor odd) -> Tensor");
+  // Depthwise conv (k x k, odd k, stride 1 or 2, padding k / 2, no bias) + BatchNorm without
+  // affine, over `groups` equal row groups of x [R, C, H, W] with their own statistics.
+  // training: batch statistics per group, returned as mean/var [G, C] (var biased);
+  // eval: normalises with the given mean/var [G, C] (returned as copies).
+  // y is channels-last [R, C, H', W']; it is xhat, which the backward reads in training.
+  m.def("dwconv_bn(Tensor x, Tensor weight, Tensor mean, Tensor var, int stride, int groups, "
+        "float eps, bool training) -> (Tensor y, Tensor mean, Tensor var)");
+  // Gradients of dwconv_bn's y with respect to x and weight (statistics as in the forward).
+  m.def("dwconv_bn_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, Tensor var, "
+        "int stride, int groups, float eps, bool training) -> (Tensor grad_x, Tensor grad_weight)");
+  // 1x1 conv (weight [O, C, 1, 1]) + BatchNorm without affine (grouped as dwconv_bn) + ReLU.
+  // Returns y = relu(xhat) channels-last, xhat (training; empty in eval), mean, var [G, O].
+  m.def("pwconv_bn_relu(Tensor x, Tensor weight, Tensor mean, Tensor var, int groups, "
+        "float eps, bool training) -> (Tensor y, Tensor xhat, Tensor mean, Tensor var)");
+  // Gradients of pwconv_bn_relu's y with respect to x and weight; reads xhat in training and
+  // y in eval.
+  m.def("pwconv_bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, Tensor xhat, "
+        "Tensor var, int groups, float eps, bool training) -> (Tensor grad_x, Tensor grad_weight)");
+  // The same four ops with bodies written in Triton (fastshift/ops/triton), registered from
+  // Python for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1). Same contracts.
+  m.def("dwconv_bn_triton(Tensor x, Tensor weight, Tensor mean, Tensor var, int stride, "
+        "int groups, float eps, bool training) -> (Tensor y, Tensor mean, Tensor var)");
+  m.def("dwconv_bn_backward_triton(Tensor grad_y, Tensor x, Tensor weight, Tensor y, Tensor var, "
+        "int stride, int groups, float eps, bool training) -> (Tensor grad_x, Tensor grad_weight)");
+  m.def("pwconv_bn_relu_triton(Tensor x, Tensor weight, Tensor mean, Tensor var, int groups, "
+        "float eps, bool training) -> (Tensor y, Tensor xhat, Tensor mean, Tensor var)");
+  m.def("pwconv_bn_relu_backward_triton(Tensor grad_y, Tensor x, Tensor weight, Tensor y, "
+        "Tensor xhat, Tensor var, int groups, float eps, bool training) -> "
+        "(Tensor grad_x, Tensor grad_weight)");
   // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   m.def("cuda_version() -> int");
 }

@@ -22,4 +22,11 @@ inline void check_channel_interleave(const at::Tensor& even, const at::Tensor& o
               "channel_interleave: even and odd must be on the same device");
 }
 
+// The layout of the channel shuffle ops' outputs: channels-last when the (first) input is
+// channels-last-like (the fused block path), else contiguous NCHW. The fake kernels in
+// fastshift/ops/_registry.py follow the same rule (suggest_memory_format).
+inline bool rows_last_layout(const at::Tensor& t) {
+  return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
 }  // namespace fastshift

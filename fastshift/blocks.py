@@ -13,7 +13,8 @@ from torch import nn
 from . import ops
 from .space import Choice, LayerSpec
 
-__all__ = ["ShuffleUnit", "XceptionUnit", "build_block", "run_sequential"]
+__all__ = ["ShuffleUnit", "XceptionUnit", "build_block", "run_sequential", "run_fused",
+           "module_stats", "uses_fused"]
 
 
 def _dw(channels: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -41,6 +42,74 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor, batch_norm, conv=None) -
     return x
 
 
+def uses_fused(backend: str | None, x: torch.Tensor) -> bool:
+    """Whether ``backend`` (None: FASTSHIFT_BACKEND or auto) runs the fused ops on x's device."""
+    return ops.resolve_backend(backend, x.device) != "reference"
+
+
+def module_stats(bn: nn.BatchNorm2d):
+    """``norm_stats`` for :func:`run_fused` that uses a BN module's own running buffers (one
+    group), as ``bn(x)`` does."""
+    mean, var = bn.running_mean.view(1, -1), bn.running_var.view(1, -1)
+
+    def done():
+        if bn.training and bn.num_batches_tracked is not None:
+            bn.num_batches_tracked += 1
+
+    return mean, var, 1, done
+
+
+def _is_depthwise(m: nn.Conv2d) -> bool:
+    k = m.kernel_size
+    return (m.groups == m.in_channels == m.out_channels and k[0] == k[1] and k[0] % 2 == 1
+            and m.padding == (k[0] // 2,) * 2 and m.stride[0] == m.stride[1] in (1, 2)
+            and m.dilation == (1, 1) and m.bias is None)
+
+
+def _is_pointwise(m: nn.Conv2d) -> bool:
+    return (m.kernel_size == (1, 1) and m.groups == 1 and m.stride == (1, 1)
+            and m.padding == (0, 0) and m.bias is None)
+
+
+def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
+              backend: str | None) -> torch.Tensor:
+    """Apply ``seq`` with its (depthwise conv, BN) pairs as ``ops.dwconv_bn`` and its
+    (1x1 conv, BN, ReLU) triples as ``ops.pwconv_bn_relu``.
+
+    ``norm_stats(bn)`` -> ``(running_mean [G, C], running_var [G, C], G, done)``: the
+    statistics of the G row groups of x for that BN (updated in place in training), and
+    ``done()`` to call afterwards. Any other module runs as is (a conv + BN pair of another
+    shape through ``reference.grouped_batch_norm``). Same values and gradients as
+    ``run_sequential`` with the matching grouped ``batch_norm``.
+    """
+    mods = list(seq)
+    i = 0
+    while i < len(mods):
+        m = mods[i]
+        bn = mods[i + 1] if i + 1 < len(mods) else None
+        if not (isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            x = m(x)
+            i += 1
+            continue
+        relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+        mean, var, groups, done = norm_stats(bn)
+        momentum = bn.momentum if bn.momentum is not None else 0.1
+        kw = dict(groups=groups, training=training, momentum=momentum, eps=bn.eps,
+                  backend=backend)
+        if _is_depthwise(m) and not relu:
+            x = ops.dwconv_bn(x, m.weight, m.stride[0], mean, var, **kw)
+            i += 2
+        elif _is_pointwise(m) and relu:
+            x = ops.pwconv_bn_relu(x, m.weight, mean, var, **kw)
+            i += 3
+        else:
+            x = ops.reference.grouped_batch_norm(m(x), groups, mean, var, training, momentum,
+                                                 bn.eps)
+            i += 2
+        done()
+    return x
+
+
 class _Unit(nn.Module):
     """Shared forward of both units.
 
@@ -63,6 +132,8 @@ class _Unit(nn.Module):
             self.branch_proj = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if uses_fused(self.backend, x):
+            return self.forward_fused(x, module_stats, self.training)
         if self.stride == 1:
             x_proj, x_main = ops.channel_split(x, backend=self.backend)
             return torch.cat((x_proj, self.branch_main(x_main)), 1)
@@ -79,6 +150,20 @@ class _Unit(nn.Module):
                              1)
         return torch.cat((run_sequential(self.branch_proj, x, batch_norm, conv),
                           run_sequential(self.branch_main, x, batch_norm, conv)), 1)
+
+
+    def forward_fused(self, x: torch.Tensor, norm_stats, training: bool) -> torch.Tensor:
+        """``forward`` (or ``forward_grouped``) through the fused ops (:func:`run_fused`),
+        channels-last (the compiled channel split keeps that layout)."""
+        if self.stride == 1:
+            x_proj, x_main = ops.channel_split(x, backend=self.backend)
+            main = run_fused(self.branch_main, x_main, norm_stats, training, self.backend)
+            out = torch.cat((x_proj, main), 1)
+        else:
+            out = torch.cat((run_fused(self.branch_proj, x, norm_stats, training, self.backend),
+                             run_fused(self.branch_main, x, norm_stats, training, self.backend)),
+                            1)
+        return out.contiguous(memory_format=torch.channels_last)
 
 
 class ShuffleUnit(_Unit):

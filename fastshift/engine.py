@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import run_sequential
+from .blocks import run_fused, run_sequential, uses_fused
 from .ops.reference import grouped_batch_norm
 
 __all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks"]
@@ -127,6 +127,21 @@ class PathStats:
 
         return apply
 
+    def norm_stats(self, prefixes, training: bool):
+        """A ``norm_stats(module)`` callback for ``run_fused`` / ``forward_fused`` on these
+        prefixes: their gathered ``[G, C]`` statistics, scattered back after a training op."""
+        def get(module: nn.BatchNorm2d):
+            name = self.names[id(module)]
+            mean, var = self.gather(name, prefixes)
+
+            def done():
+                if training:
+                    self.scatter(name, prefixes, mean, var)
+
+            return mean, var, len(prefixes), done
+
+        return get
+
     @torch.no_grad()
     def write_back(self):
         """Module buffers := mean over the prefixes that used each BN module (untouched
@@ -198,6 +213,7 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     conv = conv_channels_last
     x = x.contiguous(memory_format=torch.channels_last)
     act = run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv)
+    fused = uses_fused(net.backend, x)
     for layer, groups in enumerate(plan.levels):
         parents = act.shape[0] // batch
         pieces = None
@@ -210,10 +226,19 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
                     pieces = act.split(batch, 0)
                 inp = _gather_groups(pieces, parent_rows)
             block = net.features[layer][choice]
-            outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training), conv))
+            if fused:
+                outs.append(block.forward_fused(inp, stats.norm_stats(prefixes, training),
+                                                training))
+            else:
+                outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training),
+                                                  conv))
             plan.computed.extend((layer, p) for p in prefixes)
         act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training), conv)
+    if fused:
+        h = run_fused(net.conv_last, act, stats.norm_stats(plan.leaves, training), training,
+                      net.backend)
+    else:
+        h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training), conv)
     h = net.dropout(h.mean((2, 3)))
     logits = net.classifier(h).view(len(plan.leaves), batch, -1)
     return logits[torch.tensor(plan.leaf, device=logits.device)]

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from .blocks import build_block
+from .blocks import build_block, module_stats, run_fused, uses_fused
 from .checkpoint import check_state_dict, normalize_state_dict
 from .engine import PathStats, forward_many
 from .space import Arch, SearchSpace
@@ -49,7 +49,10 @@ class _Classify(nn.Module):
     """Shared tail of Supernet and Subnet: conv_last, global pool, dropout, classifier."""
 
     def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_last(x)
+        if uses_fused(self.backend, x):
+            x = run_fused(self.conv_last, x, module_stats, self.training, self.backend)
+        else:
+            x = self.conv_last(x)
         x = x.mean((2, 3))
         x = self.dropout(x)
         return self.classifier(x)
@@ -93,6 +96,7 @@ class Supernet(_Classify):
         if not isinstance(space, SearchSpace):
             raise TypeError(f"Supernet needs a SearchSpace, got {type(space).__name__}")
         self.space = space
+        self.backend = backend
         num_classes = space.num_classes if num_classes is None else int(num_classes)
         if num_classes < 1:
             raise ValueError(f"num_classes must be positive, got {num_classes}")
@@ -158,6 +162,7 @@ class Subnet(_Classify):
         super().__init__()
         self.space = supernet.space
         self.arch = tuple(arch)
+        self.backend = supernet.backend
         self.first_conv = copy.deepcopy(supernet.first_conv)
         self.features = nn.Sequential(
             *(copy.deepcopy(supernet.features[i][g]) for i, g in enumerate(self.arch))

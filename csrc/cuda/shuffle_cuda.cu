@@ -56,6 +56,11 @@ void launch(const at::Tensor& full, const at::Tensor& even, const at::Tensor& od
 std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
   check_channel_split(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
+  if (rows_last_layout(x_in)) {  // strided copies of the channel-sliced views (ATen)
+    const auto cl = at::MemoryFormat::ChannelsLast;
+    return {x_in.slice(1, 0, x_in.size(1), 2).contiguous(cl),
+            x_in.slice(1, 1, x_in.size(1), 2).contiguous(cl)};
+  }
   const at::Tensor x = x_in.contiguous();
   const auto sizes = std::vector<int64_t>{x.size(0), x.size(1) / 2, x.size(2), x.size(3)};
   at::Tensor even = at::empty(sizes, x.options());
@@ -67,6 +72,14 @@ std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
 at::Tensor channel_interleave_cuda(const at::Tensor& even_in, const at::Tensor& odd_in) {
   check_channel_interleave(even_in, odd_in);
   const c10::cuda::CUDAGuard guard(even_in.device());
+  if (rows_last_layout(even_in)) {
+    at::Tensor out = at::empty({even_in.size(0), 2 * even_in.size(1), even_in.size(2),
+                                even_in.size(3)},
+                               even_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+    out.slice(1, 0, out.size(1), 2).copy_(even_in);
+    out.slice(1, 1, out.size(1), 2).copy_(odd_in);
+    return out;
+  }
   const at::Tensor even = even_in.contiguous();
   const at::Tensor odd = odd_in.contiguous();
   at::Tensor out =

@@ -6,7 +6,11 @@ Backends (``backend=`` argument, else the ``FASTSHIFT_BACKEND`` environment vari
 - ``reference``: plain PyTorch (``fastshift.ops.reference``), always available.
 - ``cpu``: the compiled C++ bodies of ``fastshift._C`` (CPU tensors).
 - ``cuda``: the compiled CUDA bodies of ``fastshift._C`` (CUDA tensors).
-- ``auto``: the compiled body for the tensor's device when it was built, else ``reference``.
+- ``triton``: the Triton kernels of ``fastshift.ops.triton`` (CUDA tensors; CPU tensors only
+  under the interpreter, ``TRITON_INTERPRET=1``, which is for tests). The op schemas still come
+  from ``fastshift._C``.
+- ``auto``: the compiled C++/CUDA body for the tensor's device when it was built, else
+  ``triton`` on CUDA when Triton runs, else ``reference``.
 
 An explicitly requested backend that was not built raises with the rebuild command.
 """
@@ -18,13 +22,20 @@ import os
 import torch
 
 from . import reference
+from . import triton as _triton
 from ._registry import BUILD_ERROR, HAVE_C, cuda_built
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
-           "channel_interleave", "reference", "HAVE_C", "BUILD_ERROR", "cuda_built"]
+           "channel_interleave", "dwconv_bn", "pwconv_bn_relu", "reference", "HAVE_C",
+           "BUILD_ERROR", "cuda_built", "triton_usable"]
 
-BACKENDS = ("reference", "cpu", "cuda", "auto")
+BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 REBUILD = "pip install --no-build-isolation -e .  (or: bash scripts/install.sh)"
+
+
+def triton_usable(device: torch.device | str) -> bool:
+    """Whether the ``triton`` backend can run tensors of ``device`` now."""
+    return HAVE_C and _triton.usable(device)
 
 
 def available_backends(device: torch.device | str | None = None) -> list[str]:
@@ -37,6 +48,10 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     if device is not None:
         kind = torch.device(device).type
         out = [b for b in out if b == "reference" or b == kind]
+        if triton_usable(kind):
+            out.append("triton")
+    elif triton_usable("cuda") or triton_usable("cpu"):
+        out.append("triton")
     return out
 
 
@@ -49,8 +64,21 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
     if name == "auto":
         if HAVE_C and (kind == "cpu" or (kind == "cuda" and cuda_built())):
             return kind
+        if kind == "cuda" and triton_usable(kind):
+            return "triton"
         return "reference"
     if name == "reference":
+        return name
+    if name == "triton":
+        if not HAVE_C:
+            raise RuntimeError(
+                "fastshift backend 'triton' needs the op schemas of fastshift._C, which failed "
+                f"to import ({BUILD_ERROR}); rebuild with: {REBUILD}")
+        if not _triton.usable(kind):
+            why = (f"triton is not importable ({_triton.TRITON_ERROR})" if _triton.TRITON_ERROR
+                   else "CPU tensors need Triton's interpreter: set TRITON_INTERPRET=1 before "
+                   "the first use (slow; for tests)")
+            raise RuntimeError(f"fastshift backend 'triton' cannot run on {kind!r} here: {why}")
         return name
     if not HAVE_C:
         raise RuntimeError(
@@ -83,3 +111,65 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor, backend: str | Non
     if resolve_backend(backend, even.device) == "reference":
         return reference.channel_interleave(even, odd)
     return torch.ops.fastshift.channel_interleave(even, odd)
+
+
+def _stats_args(x, channels, groups, running_mean, running_var, training, op):
+    """The ``[G, C]`` statistics handed to a compiled op: the running ones in eval (required),
+    placeholders in training (where the op computes batch statistics)."""
+    if running_mean is not None:
+        return running_mean.view(groups, channels), running_var.view(groups, channels)
+    if not training:
+        raise ValueError(f"{op}: eval mode needs running_mean and running_var")
+    ones = x.new_ones((groups, channels))
+    return ones, ones
+
+
+def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
+              running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+              groups: int = 1, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+              backend: str | None = None) -> torch.Tensor:
+    """Depthwise conv + BatchNorm (no affine) over ``groups`` row groups, fused.
+
+    ``x [G*N, C, H, W]`` (float32/float64 on CPU), ``weight [C, 1, k, k]`` (k odd, padding
+    k // 2), ``stride`` 1 or 2, ``running_mean`` / ``running_var`` ``[G, C]`` (``[C]`` when
+    G = 1). Training: each group is normalised by its own batch statistics and its running
+    statistics are updated in place (as ``F.batch_norm``); eval: by its running statistics.
+    Returns ``[G*N, C, H', W']`` (channels-last from the compiled backends). Equivalent, values
+    and gradients with respect to x and weight, to ``reference.dwconv_bn``.
+    """
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.dwconv_bn(x, weight, stride, running_mean, running_var, groups=groups,
+                                   training=training, momentum=momentum, eps=eps)
+    mean_in, var_in = _stats_args(x, x.shape[1], groups, running_mean, running_var, training,
+                                  "dwconv_bn")
+    op = torch.ops.fastshift.dwconv_bn_triton if name == "triton" else torch.ops.fastshift.dwconv_bn
+    y, mean, var = op(x, weight, mean_in, var_in, stride, groups, eps, training)
+    if training and running_mean is not None and x.shape[0]:
+        count = (x.shape[0] // groups) * y.shape[2] * y.shape[3]
+        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+    return y
+
+
+def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+                   groups: int = 1, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+                   backend: str | None = None) -> torch.Tensor:
+    """1x1 conv + BatchNorm (no affine) over ``groups`` row groups + ReLU, fused.
+
+    ``x [G*N, C, H, W]``, ``weight [O, C, 1, 1]``; statistics ``[G, O]`` as in
+    :func:`dwconv_bn`. Returns ``[G*N, O, H, W]``. Equivalent to ``reference.pwconv_bn_relu``.
+    """
+    name = resolve_backend(backend, x.device)
+    if name == "reference":
+        return reference.pwconv_bn_relu(x, weight, running_mean, running_var, groups=groups,
+                                        training=training, momentum=momentum, eps=eps)
+    mean_in, var_in = _stats_args(x, weight.shape[0], groups, running_mean, running_var,
+                                  training, "pwconv_bn_relu")
+    op = (torch.ops.fastshift.pwconv_bn_relu_triton if name == "triton"
+          else torch.ops.fastshift.pwconv_bn_relu)
+    y, _, mean, var = op(x, weight, mean_in, var_in, groups, eps, training)
+    if training and running_mean is not None and x.shape[0]:
+        count = (x.shape[0] // groups) * y.shape[2] * y.shape[3]
+        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+    return y

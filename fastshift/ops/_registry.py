@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import torch
+from torch._prims_common import suggest_memory_format
 
 try:
     from .. import _C  # noqa: F401  (registers the TORCH_LIBRARY "fastshift")
@@ -27,14 +28,17 @@ if HAVE_C:
         torch._check(x.dim() == 4, lambda: "channel_split: x must be 4-D")
         torch._check(x.shape[1] % 2 == 0, lambda: "channel_split: channel count must be even")
         shape = (x.shape[0], x.shape[1] // 2, x.shape[2], x.shape[3])
-        return x.new_empty(shape), x.new_empty(shape)
+        fmt = suggest_memory_format(x)
+        return (torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt),
+                torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=fmt))
 
     @torch.library.register_fake("fastshift::channel_interleave")
     def _channel_interleave_fake(even, odd):
         torch._check(even.dim() == 4, lambda: "channel_interleave: even must be 4-D")
         torch._check(even.shape == odd.shape, lambda: "channel_interleave: shapes differ")
         b, c, h, w = even.shape
-        return even.new_empty((b, 2 * c, h, w))
+        return torch.empty((b, 2 * c, h, w), dtype=even.dtype, device=even.device,
+                           memory_format=suggest_memory_format(even))
 
     def _channel_split_backward(ctx, grad_even, grad_odd):
         return torch.ops.fastshift.channel_interleave(grad_even, grad_odd)
@@ -44,3 +48,104 @@ if HAVE_C:
 
     torch.library.register_autograd("fastshift::channel_split", _channel_split_backward)
     torch.library.register_autograd("fastshift::channel_interleave", _channel_interleave_backward)
+
+    def _channels_last_empty(like, shape):
+        return torch.empty(shape, dtype=like.dtype, device=like.device,
+                           memory_format=torch.channels_last)
+
+    def _out_size(size, k, stride):
+        return (size + 2 * (k // 2) - k) // stride + 1
+
+    def _dwconv_bn_fake(x, weight, mean, var, stride, groups, eps, training):
+        torch._check(x.dim() == 4, lambda: "dwconv_bn: x must be 4-D")
+        r, c, h, w = x.shape
+        k = weight.shape[-1]
+        y = _channels_last_empty(x, (r, c, _out_size(h, k, stride), _out_size(w, k, stride)))
+        return y, x.new_empty((groups, c)), x.new_empty((groups, c))
+
+    def _dwconv_bn_backward_fake(grad_y, x, weight, y, var, stride, groups, eps, training):
+        return _channels_last_empty(x, tuple(x.shape)), torch.empty_like(
+            weight, memory_format=torch.contiguous_format)
+
+    def _pwconv_bn_relu_fake(x, weight, mean, var, groups, eps, training):
+        torch._check(x.dim() == 4, lambda: "pwconv_bn_relu: x must be 4-D")
+        r, _, h, w = x.shape
+        o = weight.shape[0]
+        y = _channels_last_empty(x, (r, o, h, w))
+        xhat = _channels_last_empty(x, (r, o, h, w)) if training else x.new_empty((0,))
+        return y, xhat, x.new_empty((groups, o)), x.new_empty((groups, o))
+
+    def _pwconv_bn_relu_backward_fake(grad_y, x, weight, y, xhat, var, groups, eps, training):
+        return _channels_last_empty(x, tuple(x.shape)), torch.empty_like(
+            weight, memory_format=torch.contiguous_format)
+
+    # Autograd: the gradient reaches x and weight through y only; the statistics outputs (and
+    # pwconv_bn_relu's xhat) are saved state, not differentiable results. The backward of
+    # `<op><suffix>` is the registered op `<op>_backward<suffix>`.
+    def _register_block_ops(suffix: str):
+        dw_backward = getattr(torch.ops.fastshift, "dwconv_bn_backward" + suffix)
+        pw_backward = getattr(torch.ops.fastshift, "pwconv_bn_relu_backward" + suffix)
+
+        def dw_setup(ctx, inputs, output):
+            x, weight, _, _, stride, groups, eps, training = inputs
+            y, _, var = output
+            ctx.args = (stride, groups, eps, training)
+            ctx.save_for_backward(x, weight, y, var)
+            ctx.mark_non_differentiable(output[1], output[2])
+
+        def dw_grad(ctx, grad_y, _grad_mean, _grad_var):
+            x, weight, y, var = ctx.saved_tensors
+            grad_x, grad_w = dw_backward(grad_y, x, weight, y, var, *ctx.args)
+            return grad_x, grad_w, None, None, None, None, None, None
+
+        def pw_setup(ctx, inputs, output):
+            x, weight, _, _, groups, eps, training = inputs
+            y, xhat, _, var = output
+            ctx.args = (groups, eps, training)
+            ctx.save_for_backward(x, weight, y, xhat, var)
+            ctx.mark_non_differentiable(output[1], output[2], output[3])
+
+        def pw_grad(ctx, grad_y, _grad_xhat, _grad_mean, _grad_var):
+            x, weight, y, xhat, var = ctx.saved_tensors
+            grad_x, grad_w = pw_backward(grad_y, x, weight, y, xhat, var, *ctx.args)
+            return grad_x, grad_w, None, None, None, None, None
+
+        lib = "fastshift::"
+        torch.library.register_fake(lib + "dwconv_bn" + suffix, _dwconv_bn_fake)
+        torch.library.register_fake(lib + "dwconv_bn_backward" + suffix,
+                                    _dwconv_bn_backward_fake)
+        torch.library.register_fake(lib + "pwconv_bn_relu" + suffix, _pwconv_bn_relu_fake)
+        torch.library.register_fake(lib + "pwconv_bn_relu_backward" + suffix,
+                                    _pwconv_bn_relu_backward_fake)
+        torch.library.register_autograd(lib + "dwconv_bn" + suffix, dw_grad,
+                                        setup_context=dw_setup)
+        torch.library.register_autograd(lib + "pwconv_bn_relu" + suffix, pw_grad,
+                                        setup_context=pw_setup)
+
+    _register_block_ops("")
+    _register_block_ops("_triton")
+
+    def _register_triton_bodies():
+        """The Triton launchers as the CPU and CUDA bodies of the *_triton schemas (they raise
+        a clear error when Triton cannot run on the tensors' device)."""
+        from . import triton as triton_ops
+
+        def guarded(fn):
+            def body(*args):
+                device = args[0].device
+                if not triton_ops.usable(device):
+                    raise RuntimeError(
+                        f"fastshift backend 'triton' cannot run on {device.type} tensors here: "
+                        + (f"triton is not importable ({triton_ops.TRITON_ERROR})"
+                           if triton_ops.TRITON_ERROR else
+                           "CPU tensors need the interpreter (set TRITON_INTERPRET=1 before "
+                           "the first use)"))
+                return fn(*args)
+            return body
+
+        for name in ("dwconv_bn", "dwconv_bn_backward", "pwconv_bn_relu",
+                     "pwconv_bn_relu_backward"):
+            torch.library.register_kernel("fastshift::" + name + "_triton", ("cpu", "cuda"),
+                                          guarded(getattr(triton_ops, name)))
+
+    _register_triton_bodies()

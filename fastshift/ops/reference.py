@@ -7,8 +7,10 @@ are written for clarity and use only differentiable torch ops, so autograd is ex
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
-__all__ = ["channel_split", "channel_interleave", "grouped_batch_norm"]
+__all__ = ["channel_split", "channel_interleave", "grouped_batch_norm", "dwconv_bn",
+           "pwconv_bn_relu", "update_running_stats"]
 
 
 def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -70,6 +72,17 @@ class _GroupedBatchNorm(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
+@torch.no_grad()
+def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
+                         mean: torch.Tensor, var: torch.Tensor, count: int,
+                         momentum: float) -> None:
+    """In place, as ``F.batch_norm`` in training: ``running = (1 - momentum) * running +
+    momentum * batch`` with the batch variance made unbiased over ``count`` values."""
+    running_mean.mul_(1 - momentum).add_(mean.detach().view_as(running_mean), alpha=momentum)
+    unbiased = var.detach() * (count / max(count - 1, 1))
+    running_var.mul_(1 - momentum).add_(unbiased.view_as(running_var), alpha=momentum)
+
+
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
@@ -91,6 +104,8 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
     if gn % groups:
         raise ValueError(f"grouped_batch_norm: {gn} rows do not split into {groups} groups")
     n = gn // groups
+    if gn == 0:  # as F.batch_norm: an empty batch leaves the running statistics alone
+        return x.clone()
     if _is_channels_last(x):  # rows of a group are contiguous [N*H*W, C] blocks
         xg = x.permute(0, 2, 3, 1).reshape(groups, n * h * w, c)
         dims, view = (1,), (groups, 1, c)
@@ -101,11 +116,7 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
         with torch.no_grad():
             var, mean = torch.var_mean(xg, dim=dims, unbiased=False)
         if running_mean is not None:
-            count = n * h * w
-            with torch.no_grad():
-                running_mean.mul_(1 - momentum).add_(mean.detach(), alpha=momentum)
-                unbiased = var.detach() * (count / max(count - 1, 1))
-                running_var.mul_(1 - momentum).add_(unbiased, alpha=momentum)
+            update_running_stats(running_mean, running_var, mean, var, n * h * w, momentum)
     else:
         mean, var = running_mean, running_var
     rstd = torch.rsqrt(var.detach() + eps)
@@ -113,3 +124,38 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
     if len(dims) == 1:
         return y.reshape(gn, h, w, c).permute(0, 3, 1, 2)
     return y.reshape(gn, c, h, w)
+
+
+def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
+              running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+              groups: int = 1, training: bool, momentum: float = 0.1,
+              eps: float = 1e-5) -> torch.Tensor:
+    """Depthwise conv + BatchNorm without affine, per row group.
+
+    ``x [G*N, C, H, W]``, ``weight [C, 1, k, k]`` (k odd; padding k // 2, no bias), stride 1 or
+    2; ``running_mean`` / ``running_var`` ``[G, C]`` (or ``[C]`` when G = 1). Equals
+    ``grouped_batch_norm(F.conv2d(x, weight, stride=stride, padding=k // 2, groups=C), ...)``,
+    which is how it is computed here.
+    """
+    y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2, 1, x.shape[1])
+    return grouped_batch_norm(y, groups, _as_groups(running_mean, groups),
+                              _as_groups(running_var, groups), training, momentum, eps)
+
+
+def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
+                   running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+                   groups: int = 1, training: bool, momentum: float = 0.1,
+                   eps: float = 1e-5) -> torch.Tensor:
+    """1x1 conv (``weight [O, C, 1, 1]``, no bias) + BatchNorm without affine per row group +
+    ReLU: ``relu(grouped_batch_norm(F.conv2d(x, weight), ...))``."""
+    y = F.conv2d(x, weight)
+    return torch.relu(grouped_batch_norm(y, groups, _as_groups(running_mean, groups),
+                                         _as_groups(running_var, groups), training, momentum,
+                                         eps))
+
+
+def _as_groups(stats: torch.Tensor | None, groups: int) -> torch.Tensor | None:
+    """``[C]`` statistics (one group) as a ``[1, C]`` view, so in-place updates reach them."""
+    if stats is None or stats.dim() == 2:
+        return stats
+    return stats.view(groups, -1)

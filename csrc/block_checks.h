@@ -1,0 +1,72 @@
+// Host-side argument checks of the fused block ops (dwconv_bn, pwconv_bn_relu), shared by the
+// CPU and CUDA bodies. Messages name the op, the argument and the expected value.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastshift {
+
+inline void check_float_dtype(const char* op, const at::Tensor& x) {
+  const bool ok = x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble ||
+                  (x.is_cuda() && (x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16));
+  TORCH_CHECK(ok, op, ": x must be float32 or float64 (or float16/bfloat16 on CUDA), got ",
+              x.scalar_type());
+}
+
+// Statistics [G, C]: the eval statistics in, or the batch statistics out.
+inline void check_stats(const char* op, const char* name, const at::Tensor& s, int64_t groups,
+                        int64_t channels, const at::Tensor& x) {
+  TORCH_CHECK(s.dim() == 2 && s.size(0) == groups && s.size(1) == channels, op, ": ", name,
+              " must be [groups, C] = [", groups, ", ", channels, "], got ", s.sizes());
+  TORCH_CHECK(s.device() == x.device(), op, ": ", name, " must be on ", x.device(), ", got ",
+              s.device());
+}
+
+inline void check_groups(const char* op, const at::Tensor& x, int64_t groups) {
+  TORCH_CHECK(groups >= 1, op, ": groups must be >= 1, got ", groups);
+  TORCH_CHECK(x.size(0) % groups == 0, op, ": the ", x.size(0), " rows of x do not split into ",
+              groups, " equal groups");
+}
+
+// x [R, C, H, W], weight [C, 1, k, k] with k odd, stride 1 or 2; padding k / 2.
+inline void check_dwconv_bn(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+                            int64_t groups) {
+  const char* op = "dwconv_bn";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [R, C, H, W], got ", x.dim(), "-D");
+  check_float_dtype(op, x);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == x.size(1) && weight.size(1) == 1 &&
+                  weight.size(2) == weight.size(3) && weight.size(2) % 2 == 1,
+              op, ": weight must be [C, 1, k, k] with C = ", x.size(1), " and k odd, got ",
+              weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device());
+  TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
+  check_groups(op, x, groups);
+  check_stats(op, "mean", mean, groups, x.size(1), x);
+  check_stats(op, "var", var, groups, x.size(1), x);
+}
+
+// x [R, C, H, W], weight [O, C, 1, 1].
+inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t groups) {
+  const char* op = "pwconv_bn_relu";
+  TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [R, C, H, W], got ", x.dim(), "-D");
+  check_float_dtype(op, x);
+  TORCH_CHECK(weight.dim() == 4 && weight.size(1) == x.size(1) && weight.size(2) == 1 &&
+                  weight.size(3) == 1,
+              op, ": weight must be [O, C, 1, 1] with C = ", x.size(1), ", got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight dtype ",
+              weight.scalar_type(), " differs from x dtype ", x.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device());
+  check_groups(op, x, groups);
+  check_stats(op, "mean", mean, groups, weight.size(0), x);
+  check_stats(op, "var", var, groups, weight.size(0), x);
+}
+
+inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride) {
+  return (in + 2 * (k / 2) - k) / stride + 1;
+}
+
+}  // namespace fastshift

@@ -1,0 +1,640 @@
+// CPU bodies of the fused mixed-choice block ops: depthwise conv + BatchNorm (dwconv_bn) and
+// 1x1 conv + BatchNorm + ReLU (pwconv_bn_relu), forward and backward, for G row groups that
+// each have their own statistics (the rows of G subnets stacked along the batch).
+//
+// Layout: activations are channels-last, so a pixel's C channels are contiguous; every inner
+// loop runs over a block of channels held in registers (one cache line: 16 floats / 8
+// doubles). Work is split over fixed row chunks (independent of the thread count), each chunk
+// inside one group, and partial sums are reduced in chunk order: results are deterministic.
+//
+// Formulas (per group g and channel c, N = rows of g times output pixels):
+//   conv:     z[r,o,c]  = sum_t x[r, o*S - P + t, c] * w[c, t]       (t over the k x k taps)
+//   BN:       mean = sum z / N, var = sum z^2 / N - mean^2 (biased, accumulated in double),
+//             xhat = (z - mean) * rstd, rstd = 1 / sqrt(var + eps)  (eval: given mean, var)
+//   backward: dz = rstd * (dy - sum(dy) / N - xhat * sum(dy * xhat) / N)  (eval: dy * rstd)
+//             dx[r,i,c] = sum_t dz[r, (i + P - t) / S, c] * w[c, t]    (where divisible)
+//             dw[c,t]   = sum_{r,o} x[r, o*S - P + t, c] * dz[r,o,c]
+//   ReLU (pwconv_bn_relu): y = max(xhat, 0) (NaN kept), dy is masked by xhat > 0 first.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "../block_checks.h"
+
+// AVX2/FMA clones of the hot loops with a generic fallback, chosen at load time.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+#define FASTSHIFT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
+#else
+#define FASTSHIFT_MULTIVERSION
+#endif
+
+namespace fastshift {
+namespace {
+
+// Fixed row chunks: per group, min(rows, max(1, 64 / groups)) chunks of consecutive rows.
+struct RowChunks {
+  int64_t groups, rows_per_group, per_group;
+  int64_t count() const { return groups * per_group; }
+  int64_t group(int64_t i) const { return i / per_group; }
+  int64_t begin(int64_t i) const {
+    return group(i) * rows_per_group + (i % per_group) * rows_per_group / per_group;
+  }
+  int64_t end(int64_t i) const {
+    return group(i) * rows_per_group + (i % per_group + 1) * rows_per_group / per_group;
+  }
+};
+
+RowChunks make_chunks(int64_t rows, int64_t groups) {
+  const int64_t n = rows / groups;
+  const int64_t per = std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(1, 64 / groups)));
+  return {groups, n, per};
+}
+
+template <typename F>
+void for_chunks(const RowChunks& ch, const F& f) {
+  at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
+    for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
+// A block of channels: NV values of type V (a 32-byte vector of T, or T itself).
+template <typename V, int NV>
+struct Block {
+  using type = V;
+  static constexpr int count = NV;
+};
+
+// 32-byte GCC/Clang vector of T: lowered to one AVX register in the x86-64-v3 clone and to two
+// SSE registers in the generic one.
+template <typename T>
+struct VecOf {
+  typedef T type __attribute__((vector_size(32)));
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// Calls f(Block<V, NV>{}, c0) over the channels: blocks of two vectors (64 bytes, one cache
+// line), then one vector, then single channels, so every inner loop has a compile-time trip
+// count and keeps its accumulators in registers.
+template <typename T, typename F>
+inline void for_channel_blocks(int64_t C, const F& f) {
+  using V = typename VecOf<T>::type;
+  constexpr int L = sizeof(V) / sizeof(T);
+  int64_t c = 0;
+  for (; c + 2 * L <= C; c += 2 * L) f(Block<V, 2>{}, c);
+  for (; c + L <= C; c += L) f(Block<V, 1>{}, c);
+  for (; c < C; ++c) f(Block<T, 1>{}, c);
+}
+
+struct DwShape {
+  int64_t H, W, C, K, S, OH, OW;
+  int64_t P() const { return K / 2; }
+};
+
+// Padded image geometry: every kernel reads a zero-bordered copy of its input image, so the
+// inner loops carry no bounds checks.
+inline int64_t padded_h(const DwShape& s) { return s.H + 2 * s.P(); }
+inline int64_t padded_w(const DwShape& s) { return s.W + 2 * s.P(); }
+
+// pad [(H + 2P), (W + 2P), C] := zeros with the image x [H, W, C] at offset (P, P).
+template <typename T>
+inline void pad_image(const T* x, T* pad, const DwShape& s) {
+  const int64_t P = s.P(), PW = padded_w(s), C = s.C;
+  std::fill(pad, pad + padded_h(s) * PW * C, T(0));
+  for (int64_t h = 0; h < s.H; ++h)
+    std::copy(x + h * s.W * C, x + (h + 1) * s.W * C, pad + ((h + P) * PW + P) * C);
+}
+
+// pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
+// conv dx = sum_t dz[(i + P - t) / S] w[t] then is a stride-1 valid conv of pad with the
+// flipped kernel (for S = 2 three of four products meet zeros; the loop stays branch-free).
+template <typename T>
+inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
+  const int64_t P = s.P(), PW = padded_w(s), C = s.C;
+  std::fill(pad, pad + padded_h(s) * PW * C, T(0));
+  for (int64_t oh = 0; oh < s.OH; ++oh)
+    for (int64_t ow = 0; ow < s.OW; ++ow)
+      std::copy(dz + (oh * s.OW + ow) * C, dz + (oh * s.OW + ow + 1) * C,
+                pad + ((P + oh * s.S) * PW + P + ow * s.S) * C);
+}
+
+// out[o, c] = sum_{kh,kw} pad[o_h*S + kh, o_w*S + kw, c] * wt[kh, kw, c] over an out_h x out_w
+// map; with shift/scale given, stores (sum - shift) * scale. Register tiles of TW output
+// pixels x B channels keep TW * B / lanes independent accumulator chains.
+template <typename T>
+inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t K, int64_t S, T* out,
+                         int64_t out_h, int64_t out_w, int64_t C, const T* shift,
+                         const T* scale) {
+  constexpr int TW = 4;
+  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+    using V = typename decltype(blk)::type;
+    constexpr int NV = decltype(blk)::count;
+    constexpr int L = sizeof(V) / sizeof(T);
+    auto tile = [&](auto tw, int64_t oh, int64_t ow) {
+      constexpr int N = decltype(tw)::value;
+      V acc[N][NV];
+      for (int t = 0; t < N; ++t)
+        for (int v = 0; v < NV; ++v) acc[t][v] = V{};
+      for (int64_t kh = 0; kh < K; ++kh) {
+        const T* row = pad + ((oh * S + kh) * PW + ow * S) * C + c0;
+        const T* wr = wt + kh * K * C + c0;
+        for (int64_t kw = 0; kw < K; ++kw) {
+          V wv[NV];
+          for (int v = 0; v < NV; ++v) wv[v] = load<V>(wr + kw * C + v * L);
+          for (int t = 0; t < N; ++t) {
+            const T* xp = row + (t * S + kw) * C;
+            for (int v = 0; v < NV; ++v) acc[t][v] += load<V>(xp + v * L) * wv[v];
+          }
+        }
+      }
+      for (int t = 0; t < N; ++t) {
+        T* op = out + (oh * out_w + ow + t) * C + c0;
+        for (int v = 0; v < NV; ++v) {
+          if (shift != nullptr) {
+            const int64_t c = c0 + v * L;
+            store(op + v * L, (acc[t][v] - load<V>(shift + c)) * load<V>(scale + c));
+          } else {
+            store(op + v * L, acc[t][v]);
+          }
+        }
+      }
+    };
+    for (int64_t oh = 0; oh < out_h; ++oh) {
+      int64_t ow = 0;
+      for (; ow + TW <= out_w; ow += TW) tile(std::integral_constant<int, TW>{}, oh, ow);
+      for (; ow < out_w; ++ow) tile(std::integral_constant<int, 1>{}, oh, ow);
+    }
+  });
+}
+
+// dw[kh, kw0 + u, c] += sum_o pad[o_h*S + kh, o_w*S + kw0 + u, c] * dz[o, c] for u < NT taps
+// at once (NT independent accumulators share each dz load).
+template <typename T, int NT>
+inline void dw_weight_taps(const T* pad, const T* dz, T* dw, const DwShape& s, int64_t kw0) {
+  const int64_t PW = padded_w(s), C = s.C, S = s.S;
+  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+    using V = typename decltype(blk)::type;
+    constexpr int NV = decltype(blk)::count;
+    constexpr int L = sizeof(V) / sizeof(T);
+    for (int64_t kh = 0; kh < s.K; ++kh) {
+      V acc[NT][NV];
+      for (int u = 0; u < NT; ++u)
+        for (int v = 0; v < NV; ++v) acc[u][v] = V{};
+      for (int64_t oh = 0; oh < s.OH; ++oh) {
+        const T* row = pad + ((oh * S + kh) * PW + kw0) * C + c0;
+        const T* gr = dz + oh * s.OW * C + c0;
+        for (int64_t ow = 0; ow < s.OW; ++ow) {
+          V gv[NV];
+          for (int v = 0; v < NV; ++v) gv[v] = load<V>(gr + ow * C + v * L);
+          const T* xp = row + ow * S * C;
+          for (int u = 0; u < NT; ++u)
+            for (int v = 0; v < NV; ++v) acc[u][v] += load<V>(xp + u * C + v * L) * gv[v];
+        }
+      }
+      for (int u = 0; u < NT; ++u) {
+        T* op = dw + (kh * s.K + kw0 + u) * C + c0;
+        for (int v = 0; v < NV; ++v) store(op + v * L, load<V>(op + v * L) + acc[u][v]);
+      }
+    }
+  });
+}
+
+// One image: z = depthwise conv of x (padding P, stride S); with shift/scale given, stores
+// (z - shift) * scale. `pad` is scratch of padded_h * padded_w * C.
+template <typename T>
+inline void dw_forward_image(const T* x, const T* wt, T* z, const DwShape& s, const T* shift,
+                             const T* scale, T* pad) {
+  pad_image(x, pad, s);
+  valid_dwconv(pad, padded_w(s), wt, s.K, s.S, z, s.OH, s.OW, s.C, shift, scale);
+}
+
+// One image: dx = transposed depthwise conv of dz; `wflip` is wt with the taps reversed.
+template <typename T>
+inline void dw_input_grad_image(const T* dz, const T* wflip, T* dx, const DwShape& s, T* pad) {
+  upsample_image(dz, pad, s);
+  valid_dwconv<T>(pad, padded_w(s), wflip, s.K, 1, dx, s.H, s.W, s.C, nullptr, nullptr);
+}
+
+// One image: dw[t, c] += sum_o x[o*S - P + t, c] * dz[o, c].
+template <typename T>
+inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& s, T* pad) {
+  pad_image(x, pad, s);
+  switch (s.K) {
+    case 1: dw_weight_taps<T, 1>(pad, dz, dw, s, 0); break;
+    case 3: dw_weight_taps<T, 3>(pad, dz, dw, s, 0); break;
+    case 5: dw_weight_taps<T, 5>(pad, dz, dw, s, 0); break;
+    case 7: dw_weight_taps<T, 7>(pad, dz, dw, s, 0); break;
+    default:
+      for (int64_t kw = 0; kw < s.K; ++kw) dw_weight_taps<T, 1>(pad, dz, dw, s, kw);
+  }
+}
+
+template <typename V, typename T>
+inline T lane(const V& v, int l) {
+  if constexpr (std::is_same_v<V, T>) {
+    return v;
+  } else {
+    return v[l];
+  }
+}
+
+// Per-channel sums over the rows of [pixels, C] arrays, added to s1 and s2 (double):
+//   Mode 0 (moments):              s1 += a,   s2 += a * a
+//   Mode 1 (BN backward):          s1 += a,   s2 += a * b        (a = dy, b = xhat)
+//   Mode 2 (ReLU + BN backward):   s1 += a',  s2 += a' * b,  a' = b > 0 ? a : 0
+// Spans of 64 rows are summed in registers (type T), then flushed to the double sums.
+template <typename T, int Mode>
+inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, double* s1,
+                         double* s2) {
+  constexpr int64_t kSpan = 64;
+  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+    using V = typename decltype(blk)::type;
+    constexpr int NV = decltype(blk)::count;
+    constexpr int L = sizeof(V) / sizeof(T);
+    for (int64_t p0 = 0; p0 < pixels; p0 += kSpan) {
+      const int64_t p1 = std::min(pixels, p0 + kSpan);
+      V acc1[NV], acc2[NV];
+      for (int v = 0; v < NV; ++v) acc1[v] = acc2[v] = V{};
+      for (int64_t p = p0; p < p1; ++p) {
+        for (int v = 0; v < NV; ++v) {
+          const V av = load<V>(a + p * C + c0 + v * L);
+          if constexpr (Mode == 0) {
+            acc1[v] += av;
+            acc2[v] += av * av;
+          } else {
+            const V bv = load<V>(b + p * C + c0 + v * L);
+            const V u = Mode == 2 ? (bv > V{} ? av : V{}) : av;
+            acc1[v] += u;
+            acc2[v] += u * bv;
+          }
+        }
+      }
+      for (int v = 0; v < NV; ++v)
+        for (int l = 0; l < L; ++l) {
+          s1[c0 + v * L + l] += static_cast<double>(lane<V, T>(acc1[v], l));
+          s2[c0 + v * L + l] += static_cast<double>(lane<V, T>(acc2[v], l));
+        }
+    }
+  });
+}
+
+// dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
+// with ReLU, `xhat` is the output y (same sign as xhat where it matters).
+template <typename T, bool relu>
+inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
+                          const T* a, const T* b, T* dz) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    const T* gp = dy + p * C;
+    const T* xp = xhat + p * C;
+    T* out = dz + p * C;
+    if (a != nullptr) {
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = relu ? (xp[c] > T(0) ? gp[c] : T(0)) : gp[c];
+        out[c] = rstd[c] * (g - a[c] - xp[c] * b[c]);
+      }
+    } else {
+      for (int64_t c = 0; c < C; ++c) {
+        const T g = relu ? (xp[c] > T(0) ? gp[c] : T(0)) : gp[c];
+        out[c] = rstd[c] * g;
+      }
+    }
+  }
+}
+
+// In place z := (z - mean) * rstd; with relu also y := max(z, 0) (y may alias z).
+template <typename T, bool relu>
+inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, const T* rstd) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    T* zp = z + p * C;
+    T* yp = y + p * C;
+    for (int64_t c = 0; c < C; ++c) {
+      const T v = (zp[c] - mean[c]) * rstd[c];
+      zp[c] = v;
+      if (relu) yp[c] = v < T(0) ? T(0) : v;  // NaN passes through, as torch.relu
+    }
+  }
+}
+
+// The multiversioned entry points: one per kernel and dtype.
+#define FASTSHIFT_KERNELS(T)                                                                    \
+  FASTSHIFT_MULTIVERSION void k_dw_forward(const T* x, const T* wt, T* z, const DwShape& s,      \
+                                           const T* shift, const T* scale, T* pad) {            \
+    dw_forward_image<T>(x, wt, z, s, shift, scale, pad);                                        \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_dw_input_grad(const T* dz, const T* wflip, T* dx,               \
+                                              const DwShape& s, T* pad) {                       \
+    dw_input_grad_image<T>(dz, wflip, dx, s, pad);                                              \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_dw_weight_grad(const T* x, const T* dz, T* dw,                  \
+                                               const DwShape& s, T* pad) {                      \
+    dw_weight_grad_image<T>(x, dz, dw, s, pad);                                                 \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_moments(const T* z, int64_t n, int64_t C, double* sum,          \
+                                        double* sq) {                                           \
+    channel_sums<T, 0>(z, z, n, C, sum, sq);                                                    \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_grad_moments(bool relu, const T* dy, const T* xh, int64_t n,    \
+                                             int64_t C, double* sg, double* sgx) {              \
+    if (relu) channel_sums<T, 2>(dy, xh, n, C, sg, sgx);                                        \
+    else channel_sums<T, 1>(dy, xh, n, C, sg, sgx);                                             \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_bn_input_grad(bool relu, const T* dy, const T* xh, int64_t n,   \
+                                              int64_t C, const T* rstd, const T* a, const T* b, \
+                                              T* dz) {                                          \
+    if (relu) bn_input_grad<T, true>(dy, xh, n, C, rstd, a, b, dz);                             \
+    else bn_input_grad<T, false>(dy, xh, n, C, rstd, a, b, dz);                                 \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_normalize(bool relu, T* z, T* y, int64_t n, int64_t C,          \
+                                          const T* mean, const T* rstd) {                       \
+    if (relu) normalize<T, true>(z, y, n, C, mean, rstd);                                       \
+    else normalize<T, false>(z, y, n, C, mean, rstd);                                           \
+  }
+
+FASTSHIFT_KERNELS(float)
+FASTSHIFT_KERNELS(double)
+#undef FASTSHIFT_KERNELS
+
+// [R, C, H, W] in any layout -> contiguous channels-last storage ([R, H, W, C] rows).
+at::Tensor rows_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
+
+// A new channels-last [R, C, H, W] tensor (storage [R, H, W, C]).
+at::Tensor empty_rows_last(int64_t R, int64_t C, int64_t H, int64_t W, const at::Tensor& like) {
+  return at::empty({R, H, W, C}, like.options()).permute({0, 3, 1, 2});
+}
+
+// Per-group mean and biased variance [G, C] from per-chunk double sums over `count` values
+// per group.
+template <typename T>
+void reduce_moments(const RowChunks& ch, int64_t C, const std::vector<double>& sum,
+                    const std::vector<double>& sq, double count, T* mean, T* var) {
+  for (int64_t g = 0; g < ch.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0, q = 0;
+      for (int64_t j = 0; j < ch.per_group; ++j) {
+        s += sum[(g * ch.per_group + j) * C + c];
+        q += sq[(g * ch.per_group + j) * C + c];
+      }
+      const double m = count > 0 ? s / count : 0.0;
+      mean[g * C + c] = static_cast<T>(m);
+      var[g * C + c] = static_cast<T>(count > 0 ? std::max(q / count - m * m, 0.0) : 0.0);
+    }
+  }
+}
+
+template <typename T>
+std::vector<T> rstd_of(const at::Tensor& var, double eps) {
+  const at::Tensor v = var.contiguous();
+  const T* p = v.data_ptr<T>();
+  std::vector<T> out(v.numel());
+  for (int64_t i = 0; i < v.numel(); ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(p[i]) + eps));
+  return out;
+}
+
+// Training-mode gradient statistics: a = sum(dy')/N and b = sum(dy' xhat)/N per [G, C].
+template <typename T>
+void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int64_t pixels,
+                int64_t C, double count, std::vector<T>& a, std::vector<T>& b) {
+  std::vector<double> sg(ch.count() * C, 0.0), sgx(ch.count() * C, 0.0);
+  for_chunks(ch, [&](int64_t i) {
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_grad_moments(relu, dy + r * pixels * C, xhat + r * pixels * C, pixels, C,
+                     sg.data() + i * C, sgx.data() + i * C);
+  });
+  a.assign(ch.groups * C, T(0));
+  b.assign(ch.groups * C, T(0));
+  for (int64_t g = 0; g < ch.groups; ++g)
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0, q = 0;
+      for (int64_t j = 0; j < ch.per_group; ++j) {
+        s += sg[(g * ch.per_group + j) * C + c];
+        q += sgx[(g * ch.per_group + j) * C + c];
+      }
+      a[g * C + c] = static_cast<T>(count > 0 ? s / count : 0.0);
+      b[g * C + c] = static_cast<T>(count > 0 ? q / count : 0.0);
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// dwconv_bn
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& mean_in,
+    const at::Tensor& var_in, int64_t stride, int64_t groups, double eps, bool training) {
+  check_dwconv_bn(x_in, weight, mean_in, var_in, stride, groups);
+  const at::Tensor x = rows_last(x_in);
+  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
+  const DwShape s{H, W, C, K, stride, conv_out_size(H, K, stride), conv_out_size(W, K, stride)};
+  at::Tensor y = empty_rows_last(R, C, s.OH, s.OW, x);
+  at::Tensor mean = at::empty({groups, C}, x.options());
+  at::Tensor var = at::empty({groups, C}, x.options());
+  if (!training) {
+    mean.copy_(mean_in);
+    var.copy_(var_in);
+  }
+  const RowChunks ch = make_chunks(R, groups);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor wt = weight.reshape({C, K * K}).t().contiguous();  // [k*k, C]
+    const T* xp = x.const_data_ptr<T>();
+    const T* wp = wt.const_data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C;
+    const int64_t pad_img = padded_h(s) * padded_w(s) * C;
+    if (!training) {
+      const std::vector<T> rstd = rstd_of<T>(var, eps);
+      const T* mp = mean.const_data_ptr<T>();
+      for_chunks(ch, [&](int64_t i) {
+        const int64_t g = ch.group(i);
+        std::vector<T> pad(pad_img);
+        for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+          k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, mp + g * C, rstd.data() + g * C,
+                       pad.data());
+      });
+      return;
+    }
+    std::vector<double> sum(ch.count() * C, 0.0), sq(ch.count() * C, 0.0);
+    for_chunks(ch, [&](int64_t i) {
+      std::vector<T> pad(pad_img);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
+        k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, nullptr, nullptr, pad.data());
+        k_moments(yp + r * out_img, s.OH * s.OW, C, sum.data() + i * C, sq.data() + i * C);
+      }
+    });
+    reduce_moments<T>(ch, C, sum, sq, double(ch.rows_per_group * s.OH * s.OW),
+                      mean.data_ptr<T>(), var.data_ptr<T>());
+    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    const T* mp = mean.const_data_ptr<T>();
+    for_chunks(ch, [&](int64_t i) {
+      const int64_t g = ch.group(i);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+        k_normalize(false, yp + r * out_img, yp + r * out_img, s.OH * s.OW, C, mp + g * C,
+                    rstd.data() + g * C);
+    });
+  });
+  return {y, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& y_in, const at::Tensor& var, int64_t stride, int64_t groups, double eps,
+    bool training) {
+  check_dwconv_bn(x_in, weight, var, var, stride, groups);
+  const at::Tensor x = rows_last(x_in);
+  const at::Tensor dy = rows_last(grad_in);
+  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
+  const DwShape s{H, W, C, K, stride, conv_out_size(H, K, stride), conv_out_size(W, K, stride)};
+  TORCH_CHECK(dy.sizes() == at::IntArrayRef({R, C, s.OH, s.OW}),
+              "dwconv_bn_backward: grad_y must be [", R, ", ", C, ", ", s.OH, ", ", s.OW,
+              "], got ", dy.sizes());
+  at::Tensor dx = empty_rows_last(R, C, H, W, x);
+  at::Tensor dw = at::zeros({K * K, C}, x.options());
+  const RowChunks ch = make_chunks(R, groups);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_backward_cpu", [&] {
+    using T = scalar_t;
+    // taps reversed: [k*k, C] rows in the order (K-1-kh, K-1-kw)
+    const at::Tensor wflip = weight.flip({2, 3}).reshape({C, K * K}).t().contiguous();
+    const at::Tensor y = training ? rows_last(y_in) : at::Tensor();
+    const T* xp = x.const_data_ptr<T>();
+    const T* gp = dy.const_data_ptr<T>();
+    const T* yp = training ? y.const_data_ptr<T>() : nullptr;
+    const T* wp = wflip.const_data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
+    const int64_t pad_img = padded_h(s) * padded_w(s) * C;
+    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    std::vector<T> a, b;
+    if (training) grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
+    std::vector<T> dw_part(ch.count() * K * K * C, T(0));
+    for_chunks(ch, [&](int64_t i) {
+      const int64_t g = ch.group(i);
+      std::vector<T> dz(out_img), pad(pad_img);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
+        k_bn_input_grad(false, gp + r * out_img, training ? yp + r * out_img : gp + r * out_img,
+                        pixels, C, rstd.data() + g * C, training ? a.data() + g * C : nullptr,
+                        training ? b.data() + g * C : nullptr, dz.data());
+        k_dw_input_grad(dz.data(), wp, dxp + r * in_img, s, pad.data());
+        k_dw_weight_grad(xp + r * in_img, dz.data(), dw_part.data() + i * K * K * C, s,
+                         pad.data());
+      }
+    });
+    T* dwp = dw.data_ptr<T>();
+    for (int64_t i = 0; i < ch.count(); ++i)
+      for (int64_t j = 0; j < K * K * C; ++j) dwp[j] += dw_part[i * K * K * C + j];
+  });
+  return {dx, dw.t().contiguous().view({C, 1, K, K})};
+}
+
+// ---------------------------------------------------------------------------------------------
+// pwconv_bn_relu: the 1x1 conv is a matmul over the [R*H*W, C] rows (at::mm), the BN and ReLU
+// run as two fused passes over its output.
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
+    const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& mean_in,
+    const at::Tensor& var_in, int64_t groups, double eps, bool training) {
+  check_pwconv_bn_relu(x_in, weight, mean_in, var_in, groups);
+  const at::Tensor x = rows_last(x_in);
+  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
+  const int64_t pixels = H * W;
+  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({R * pixels, C});
+  at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());  // [R*H*W, O]
+  at::Tensor y = training ? at::empty_like(z) : z;
+  at::Tensor mean = at::empty({groups, O}, x.options());
+  at::Tensor var = at::empty({groups, O}, x.options());
+  if (!training) {
+    mean.copy_(mean_in);
+    var.copy_(var_in);
+  }
+  const RowChunks ch = make_chunks(R, groups);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_cpu", [&] {
+    using T = scalar_t;
+    T* zp = z.data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const int64_t img = pixels * O;
+    if (training) {
+      std::vector<double> sum(ch.count() * O, 0.0), sq(ch.count() * O, 0.0);
+      for_chunks(ch, [&](int64_t i) {
+        for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+          k_moments(zp + r * img, pixels, O, sum.data() + i * O, sq.data() + i * O);
+      });
+      reduce_moments<T>(ch, O, sum, sq, double(ch.rows_per_group * pixels), mean.data_ptr<T>(),
+                        var.data_ptr<T>());
+    }
+    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    const T* mp = mean.const_data_ptr<T>();
+    for_chunks(ch, [&](int64_t i) {
+      const int64_t g = ch.group(i);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+        k_normalize(true, zp + r * img, yp + r * img, pixels, O, mp + g * O, rstd.data() + g * O);
+    });
+  });
+  at::Tensor out = y.view({R, H, W, O}).permute({0, 3, 1, 2});
+  at::Tensor xhat = training ? z.view({R, H, W, O}).permute({0, 3, 1, 2})
+                             : at::empty({0}, x.options());
+  return {out, xhat, mean, var};
+}
+
+std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& weight,
+    const at::Tensor& y_in, const at::Tensor& xhat_in, const at::Tensor& var, int64_t groups,
+    double eps, bool training) {
+  check_pwconv_bn_relu(x_in, weight, var, var, groups);
+  const at::Tensor x = rows_last(x_in);
+  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
+  const int64_t pixels = H * W;
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({R, O, H, W}),
+              "pwconv_bn_relu_backward: grad_y must be [", R, ", ", O, ", ", H, ", ", W,
+              "], got ", grad_in.sizes());
+  const at::Tensor dy = rows_last(grad_in);
+  // the sign source of the ReLU mask and the xhat of the BN backward
+  const at::Tensor xh = rows_last(training ? xhat_in : y_in);
+  at::Tensor dz = at::empty({R * pixels, O}, x.options());
+  const RowChunks ch = make_chunks(R, groups);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_backward_cpu", [&] {
+    using T = scalar_t;
+    const T* gp = dy.const_data_ptr<T>();
+    const T* hp = xh.const_data_ptr<T>();
+    T* dzp = dz.data_ptr<T>();
+    const int64_t img = pixels * O;
+    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    std::vector<T> a, b;
+    if (training) grad_stats<T>(ch, true, gp, hp, pixels, O, double(ch.rows_per_group * pixels), a, b);
+    for_chunks(ch, [&](int64_t i) {
+      const int64_t g = ch.group(i);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+        k_bn_input_grad(true, gp + r * img, hp + r * img, pixels, O, rstd.data() + g * O,
+                        training ? a.data() + g * O : nullptr,
+                        training ? b.data() + g * O : nullptr, dzp + r * img);
+    });
+  });
+  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({R * pixels, C});
+  at::Tensor dx = at::mm(dz, weight.reshape({O, C}));  // [R*H*W, C]
+  at::Tensor dw = at::mm(dz.t(), x2d);                  // [O, C]
+  return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
+  m.impl("dwconv_bn", &dwconv_bn_cpu);
+  m.impl("dwconv_bn_backward", &dwconv_bn_backward_cpu);
+  m.impl("pwconv_bn_relu", &pwconv_bn_relu_cpu);
+  m.impl("pwconv_bn_relu_backward", &pwconv_bn_relu_backward_cpu);
+}
+
+}  // namespace fastshift

@@ -1,0 +1,355 @@
+"""Fused block ops (dwconv_bn, pwconv_bn_relu) against ops.reference: values, running
+statistics and gradients over backend x dtype x shape x mode, gradcheck in float64, opcheck,
+torch.compile parity, argument errors, and the fused supernet / engine paths against the
+reference backend."""
+
+import pytest
+import torch
+
+import fastshift
+from fastshift import ops
+
+needs_c = pytest.mark.skipif(not ops.HAVE_C, reason=f"fastshift._C not built: {ops.BUILD_ERROR}")
+
+# (backend, device) pairs usable here; the Triton backend runs on CPU tensors in the interpreter
+PAIRS = [("cpu", "cpu")]
+if torch.cuda.is_available() and ops.cuda_built():
+    PAIRS.append(("cuda", "cuda"))
+if "triton" in ops.BACKENDS and ops.triton_usable("cpu"):
+    PAIRS.append(("triton", "cpu"))
+if "triton" in ops.BACKENDS and torch.cuda.is_available() and ops.triton_usable("cuda"):
+    PAIRS.append(("triton", "cuda"))
+
+# one tolerance table: max |error| allowed relative to max(1, max |reference|)
+TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
+LOW_PRECISION = (torch.float16, torch.bfloat16)
+
+# (rows, channels, height, width, kernel, stride, groups)
+DW_SHAPES = [(4, 8, 8, 8, 3, 1, 2), (3, 5, 7, 9, 5, 2, 1), (6, 19, 5, 6, 7, 1, 3),
+             (1, 3, 4, 4, 3, 1, 1), (0, 4, 4, 4, 3, 1, 1), (2, 33, 1, 1, 7, 1, 1),
+             (4, 16, 3, 3, 7, 2, 2), (2, 40, 9, 9, 3, 2, 1)]
+# (rows, in channels, out channels, height, width, groups)
+PW_SHAPES = [(4, 8, 6, 4, 4, 2), (3, 5, 11, 7, 3, 1), (1, 3, 3, 1, 1, 1), (0, 4, 4, 2, 2, 1),
+             (6, 40, 24, 2, 5, 3)]
+
+
+def _dtypes(device):
+    return [torch.float32, torch.float64] + (list(LOW_PRECISION) if device == "cuda" else [])
+
+
+# The Triton interpreter (CPU) costs seconds per call: there, the two largest shapes are left out
+# and the layout variants run on the first shape only (CUDA runs everything).
+INTERPRETED_SKIP = {(6, 19, 5, 6, 7, 1, 3), (2, 40, 9, 9, 3, 2, 1), (6, 40, 24, 2, 5, 3)}
+
+
+def _interpreted(backend, device):
+    return backend == "triton" and device == "cpu"
+
+
+def _skip_interpreted_layout(backend, device, shape, shapes, layout):
+    if _interpreted(backend, device) and layout != "channels_last" and shape != shapes[0]:
+        pytest.skip("interpreted Triton: layout variants run on the first shape only")
+
+
+def _cases(shapes):
+    for backend, device in PAIRS:
+        for dtype in _dtypes(device):
+            for shape in shapes:
+                if _interpreted(backend, device) and shape in INTERPRETED_SKIP:
+                    continue
+                name = str(dtype).removeprefix("torch.")
+                yield pytest.param(backend, device, dtype, shape,
+                                   id=f"{backend}-{device}-{name}-{'x'.join(map(str, shape))}")
+
+
+def _input(shape, dtype, device, layout):
+    r, c, h, w = shape
+    if layout == "noncontiguous":  # every other channel of a wider tensor
+        x = torch.randn(r, 2 * c, h, w, dtype=torch.float64)[:, 1::2]
+    else:
+        x = torch.randn(r, c, h, w, dtype=torch.float64)
+        if layout == "channels_last":
+            x = x.contiguous(memory_format=torch.channels_last)
+    return x.to(device, dtype)
+
+
+def _assert_close(got, want, dtype, what):
+    scale = max(1.0, want.abs().max().item()) if want.numel() else 1.0
+    err = (got.double() - want.double()).abs().max().item() if want.numel() else 0.0
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert err <= TOL[dtype] * scale, f"{what}: max error {err:.3g} (scale {scale:.3g})"
+
+
+def _run(op, backend, x, weight, stats, extra, training, grad_out=None):
+    mean, var = (s.clone() for s in stats)
+    x = x.detach().clone().requires_grad_(True)
+    weight = weight.detach().clone().requires_grad_(True)
+    y = op(x, weight, *extra, mean, var, groups=stats[0].shape[0], training=training,
+           backend=backend)
+    grads = None
+    if grad_out is not None:
+        grads = torch.autograd.grad(y, (x, weight), grad_out)
+    return y, mean, var, grads
+
+
+def _check_against_reference(op, backend, x, weight, extra, groups, dtype, device, training):
+    channels = weight.shape[0]
+    stats = (torch.randn(groups, channels, dtype=dtype, device=device),
+             torch.rand(groups, channels, dtype=dtype, device=device) + 0.5)
+    ref = _run(op, "reference", x, weight, stats, extra, training)
+    g = torch.randn_like(ref[0])
+    y_ref, m_ref, v_ref, (gx_ref, gw_ref) = _run(op, "reference", x, weight, stats, extra,
+                                                 training, g)
+    y, m, v, (gx, gw) = _run(op, backend, x, weight, stats, extra, training, g)
+    _assert_close(y, y_ref, dtype, "output")
+    _assert_close(m, m_ref, dtype, "running_mean")
+    _assert_close(v, v_ref, dtype, "running_var")
+    _assert_close(gx, gx_ref, dtype, "grad x")
+    _assert_close(gw, gw_ref, dtype, "grad weight")
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(DW_SHAPES)))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_dwconv_bn_matches_reference(backend, device, dtype, shape, training, layout):
+    if dtype in LOW_PRECISION:
+        pytest.skip("float16/bfloat16 are checked against float64 by test_low_precision_error")
+    _skip_interpreted_layout(backend, device, shape, DW_SHAPES, layout)
+    r, c, h, w, k, stride, groups = shape
+    torch.manual_seed(0)
+    x = _input((r, c, h, w), dtype, device, layout)
+    weight = torch.randn(c, 1, k, k, dtype=dtype, device=device)
+    _check_against_reference(ops.dwconv_bn, backend, x, weight, (stride,), groups, dtype,
+                             device, training)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(PW_SHAPES)))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+def test_pwconv_bn_relu_matches_reference(backend, device, dtype, shape, training, layout):
+    if dtype in LOW_PRECISION:
+        pytest.skip("float16/bfloat16 are checked against float64 by test_low_precision_error")
+    _skip_interpreted_layout(backend, device, shape, PW_SHAPES, layout)
+    r, c, o, h, w, groups = shape
+    torch.manual_seed(0)
+    x = _input((r, c, h, w), dtype, device, layout)
+    weight = torch.randn(o, c, 1, 1, dtype=dtype, device=device)
+    _check_against_reference(ops.pwconv_bn_relu, backend, x, weight, (), groups, dtype, device,
+                             training)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcheck_float64(backend, device, training):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=device)
+    # the interpreter is slow: gradcheck's fast mode (random projections of the Jacobian)
+    fast = _interpreted(backend, device)
+    x = torch.randn(4, 6, 5, 5, **kw, requires_grad=True)
+    w_dw = torch.randn(6, 1, 3, 3, **kw, requires_grad=True)
+    w_pw = torch.randn(5, 6, 1, 1, **kw, requires_grad=True)
+    mean, var = torch.randn(2, 6, **kw), torch.rand(2, 6, **kw) + 0.5
+    mean5, var5 = torch.randn(2, 5, **kw), torch.rand(2, 5, **kw) + 0.5
+
+    def dw(x, w):  # fresh statistics every call: gradcheck evaluates many times
+        return ops.dwconv_bn(x, w, 2, mean.clone(), var.clone(), groups=2, training=training,
+                             backend=backend)
+
+    def pw(x, w):
+        return ops.pwconv_bn_relu(x, w, mean5.clone(), var5.clone(), groups=2,
+                                  training=training, backend=backend)
+
+    assert torch.autograd.gradcheck(dw, (x, w_dw), fast_mode=fast)
+    assert torch.autograd.gradcheck(pw, (x, w_pw), fast_mode=fast)
+
+
+def _op_samples(device):
+    kw = dict(dtype=torch.float64, device=device)
+    x = torch.randn(4, 6, 5, 5, **kw).contiguous(memory_format=torch.channels_last)
+    w_dw = torch.randn(6, 1, 3, 3, **kw)
+    w_pw = torch.randn(5, 6, 1, 1, **kw)
+    mean, var = torch.randn(2, 6, **kw), torch.rand(2, 6, **kw) + 0.5
+    mean5, var5 = torch.randn(2, 5, **kw), torch.rand(2, 5, **kw) + 0.5
+    samples = []
+    for training in (True, False):
+        samples.append((torch.ops.fastshift.dwconv_bn,
+                        (x.requires_grad_(True), w_dw.requires_grad_(True), mean, var, 2, 2,
+                         1e-5, training)))
+        samples.append((torch.ops.fastshift.pwconv_bn_relu,
+                        (x, w_pw.requires_grad_(True), mean5, var5, 2, 1e-5, training)))
+        y, _, var_b = torch.ops.fastshift.dwconv_bn(x.detach(), w_dw.detach(), mean, var, 2, 2,
+                                                    1e-5, training)
+        samples.append((torch.ops.fastshift.dwconv_bn_backward,
+                        (torch.randn_like(y), x.detach(), w_dw.detach(), y, var_b, 2, 2, 1e-5,
+                         training)))
+        yp, xh, _, var_p = torch.ops.fastshift.pwconv_bn_relu(x.detach(), w_pw.detach(), mean5,
+                                                              var5, 2, 1e-5, training)
+        samples.append((torch.ops.fastshift.pwconv_bn_relu_backward,
+                        (torch.randn_like(yp), x.detach(), w_pw.detach(), yp, xh, var_p, 2,
+                         1e-5, training)))
+    return samples
+
+
+@needs_c
+@pytest.mark.parametrize("device", sorted({d for b, d in PAIRS if b != "triton"}))
+def test_opcheck(device):
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of every op."""
+    for op, args in _op_samples(device):
+        torch.library.opcheck(op, args)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p[0] != "triton"])
+def test_torch_compile_parity(backend, device):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float32, device=device)
+    x = torch.randn(4, 6, 6, 6, **kw).contiguous(memory_format=torch.channels_last)
+    w_dw = torch.randn(6, 1, 5, 5, **kw, requires_grad=True)
+    w_pw = torch.randn(8, 6, 1, 1, **kw, requires_grad=True)
+
+    def block(x, w_dw, w_pw):
+        mean, var = torch.zeros(2, 6, **kw), torch.ones(2, 6, **kw)
+        h = ops.dwconv_bn(x, w_dw, 1, mean, var, groups=2, training=True, backend=backend)
+        return ops.pwconv_bn_relu(h, w_pw, None, None, groups=2, training=True,
+                                  backend=backend).square().sum()
+
+    eager = block(x, w_dw, w_pw)
+    g_eager = torch.autograd.grad(eager, (w_dw, w_pw))
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    out = compiled(x, w_dw, w_pw)
+    g_out = torch.autograd.grad(out, (w_dw, w_pw))
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_out, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="float16/bfloat16 run on CUDA only")
+@pytest.mark.parametrize("backend", [b for b, d in PAIRS if d == "cuda"])
+@pytest.mark.parametrize("dtype", LOW_PRECISION)
+def test_low_precision_error(backend, dtype):
+    """The kernel's error against float64 is within 2x PyTorch's own (reference ops in dtype)."""
+    torch.manual_seed(0)
+    x64 = torch.randn(8, 32, 12, 12, dtype=torch.float64, device="cuda")
+    w64 = torch.randn(32, 1, 5, 5, dtype=torch.float64, device="cuda")
+    p64 = torch.randn(24, 32, 1, 1, dtype=torch.float64, device="cuda")
+
+    def run(name, dt):
+        h = ops.dwconv_bn(x64.to(dt), w64.to(dt), 1, None, None, groups=2, training=True,
+                          backend=name)
+        return ops.pwconv_bn_relu(h, p64.to(dt), None, None, groups=2, training=True,
+                                  backend=name).double()
+
+    exact = run("reference", torch.float64)
+    torch_err = (run("reference", dtype) - exact).abs().max().item()
+    ours = (run(backend, dtype) - exact).abs().max().item()
+    assert ours <= 2 * torch_err + 1e-6, (ours, torch_err)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_argument_errors_name_the_problem(backend, device):
+    x = torch.randn(4, 6, 5, 5, device=device)
+    w = torch.randn(6, 1, 3, 3, device=device)
+    st = torch.zeros(6, device=device), torch.ones(6, device=device)
+    with pytest.raises(RuntimeError, match=r"stride must be 1 or 2, got 3"):
+        ops.dwconv_bn(x, w, 3, *st, training=True, backend=backend)
+    with pytest.raises(RuntimeError, match=r"weight must be \[C, 1, k, k\] with C = 6"):
+        ops.dwconv_bn(x, torch.randn(5, 1, 3, 3, device=device), 1, None, None, training=True,
+                      backend=backend)
+    with pytest.raises(RuntimeError, match=r"do not split into 3 equal groups"):
+        ops.dwconv_bn(x, w, 1, None, None, groups=3, training=True, backend=backend)
+    with pytest.raises(RuntimeError, match=r"weight must be \[O, C, 1, 1\] with C = 6"):
+        ops.pwconv_bn_relu(x, torch.randn(4, 5, 1, 1, device=device), None, None,
+                           training=True, backend=backend)
+    with pytest.raises(RuntimeError, match=r"must be float32 or float64"):
+        ops.dwconv_bn(x.long(), w.long(), 1, None, None, training=True, backend=backend)
+    with pytest.raises(ValueError, match=r"eval mode needs running_mean and running_var"):
+        ops.pwconv_bn_relu(x, torch.randn(4, 6, 1, 1, device=device), None, None,
+                           training=False, backend=backend)
+
+
+def _nets(space, backend_a, backend_b, dtype=torch.float64):
+    a = fastshift.Supernet(space, backend=backend_a,
+                           generator=torch.Generator().manual_seed(0)).to(dtype)
+    b = fastshift.Supernet(space, backend=backend_b).to(dtype)
+    b.load_state_dict(a.state_dict())
+    a.dropout.p = b.dropout.p = 0.0
+    return a, b
+
+
+def _small_space_input(space, rows=6):
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(rows, space.in_channels, space.input_size, space.input_size,
+                       generator=g, dtype=torch.float64)
+
+
+# whole networks: compiled backends only (the Triton interpreter would take many minutes)
+NETWORK_PAIRS = [p for p in PAIRS if p[1] == "cpu" and not _interpreted(*p)]
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", NETWORK_PAIRS)
+def test_supernet_fused_path_equals_reference(backend, device):
+    """net(x, arch) through the fused ops: logits, gradients and the BN running statistics
+    after a training step equal the reference backend's (float64), for every choice at
+    stride 1 and 2; eval-mode logits too."""
+    space = fastshift.spaces.small()
+    ref, fused = _nets(space, "reference", backend)
+    x = _small_space_input(space)
+    rng = __import__("numpy").random.default_rng(0)
+    archs = [tuple([c] * space.num_layers) for c in range(space.num_choices)]
+    archs += [space.sample(rng) for _ in range(3)]
+    for arch in archs:
+        for net in (ref, fused):
+            net.train()
+            net.zero_grad()
+            net(x, arch).square().sum().backward()
+        for (name, p), q in zip(ref.named_parameters(), fused.parameters()):
+            if p.grad is None:
+                assert q.grad is None, name
+                continue
+            _assert_close(q.grad, p.grad, torch.float64, f"{arch} grad {name}")
+        for (name, b), c in zip(ref.named_buffers(), fused.buffers()):
+            _assert_close(c.double(), b.double(), torch.float64, f"{arch} buffer {name}")
+        ref.eval()
+        fused.eval()
+        with torch.no_grad():
+            _assert_close(fused(x, arch), ref(x, arch), torch.float64, f"{arch} eval logits")
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", NETWORK_PAIRS)
+def test_engine_fused_path_equals_reference(backend, device):
+    """forward_many on the fused ops equals forward_many on the reference backend: logits,
+    gradients of the summed loss and per-subnet running statistics (float64)."""
+    space = fastshift.spaces.small()
+    ref, fused = _nets(space, "reference", backend)
+    x = _small_space_input(space)
+    rng = __import__("numpy").random.default_rng(1)
+    archs = [space.sample(rng) for _ in range(5)]
+    archs.append(archs[0])
+    archs.append(archs[1][:-1] + ((archs[1][-1] + 1) % space.num_choices,))
+    outs = {}
+    for name, net in (("reference", ref), ("fused", fused)):
+        net.train()
+        stats = fastshift.engine.PathStats(net)
+        logits = net.forward_many(x, archs, stats=stats)
+        logits.square().sum().backward()
+        grads = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+        outs[name] = (logits.detach(), grads, dict(stats.rows))
+        net.eval()
+        with torch.no_grad():
+            outs[name] += (net.forward_many(x, archs, stats=stats),)
+    (l0, g0, s0, e0), (l1, g1, s1, e1) = outs["reference"], outs["fused"]
+    _assert_close(l1, l0, torch.float64, "train logits")
+    _assert_close(e1, e0, torch.float64, "eval logits")
+    assert g0.keys() == g1.keys()
+    for n in g0:
+        _assert_close(g1[n], g0[n], torch.float64, f"grad {n}")
+    assert s0.keys() == s1.keys()
+    for key in s0:
+        for a, b in zip(s0[key], s1[key]):
+            _assert_close(b, a, torch.float64, f"statistics {key}")
