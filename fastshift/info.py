@@ -12,6 +12,11 @@ import torch
 from . import __version__, ops
 
 
+# op -> the backends with a body for it (the backward of each is a registered op too)
+FUSED_OPS = {"dwconv_bn": ["cpu", "cuda", "triton"], "pwconv_bn_relu": ["cpu", "cuda", "triton"],
+             "channel_split": ["cpu", "cuda"], "channel_interleave": ["cpu", "cuda"]}
+
+
 def collect() -> dict:
     """Build and runtime facts as a dict (no GPU is touched unless torch already sees one)."""
     cuda_available = torch.cuda.is_available()
@@ -36,6 +41,10 @@ def collect() -> dict:
         "backends_usable": ops.available_backends(),
         "backend_env": os.environ.get("FASTSHIFT_BACKEND"),
         "backend_auto_cpu": ops.resolve_backend("auto", torch.device("cpu")),
+        "backend_auto_cuda": (ops.resolve_backend("auto", torch.device("cuda"))
+                              if cuda_available else None),
+        "ops": FUSED_OPS if ops.HAVE_C else {},
+        "triton_usable": {"cpu": ops.triton_usable("cpu"), "cuda": ops.triton_usable("cuda")},
         "cpu_threads": torch.get_num_threads(),
     }
 
@@ -58,6 +67,18 @@ def report(as_json: bool = False) -> str:
     lines.append(f"backends usable here: {', '.join(facts['backends_usable'])}; "
                  f"auto on CPU -> {facts['backend_auto_cpu']}; "
                  f"FASTSHIFT_BACKEND={facts['backend_env'] or '(unset)'}")
+    for name, bodies in facts["ops"].items():
+        lines.append(f"op {name}: bodies {', '.join(bodies)} (+ reference)")
+    tri = facts["triton_usable"]
+    if facts["triton"] is None:
+        lines.append("triton backend: not usable (triton not importable)")
+    else:
+        lines.append("triton backend: " + (
+            "usable on CUDA" if tri["cuda"] else "CUDA: no GPU visible") + "; " + (
+            "CPU tensors through the interpreter (TRITON_INTERPRET=1, for tests)" if tri["cpu"]
+            else "CPU tensors only with TRITON_INTERPRET=1 (interpreter, for tests)"))
+    if facts["backend_auto_cuda"]:
+        lines.append(f"auto on CUDA -> {facts['backend_auto_cuda']}")
     lines.append(f"CPU threads: {facts['cpu_threads']}")
     return "\n".join(lines)
 

@@ -72,15 +72,17 @@ class _GroupedBatchNorm(torch.autograd.Function):
         return dx, None, None, None, None, None
 
 
-@torch.no_grad()
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          mean: torch.Tensor, var: torch.Tensor, count: int,
                          momentum: float) -> None:
     """In place, as ``F.batch_norm`` in training: ``running = (1 - momentum) * running +
-    momentum * batch`` with the batch variance made unbiased over ``count`` values."""
-    running_mean.mul_(1 - momentum).add_(mean.detach().view_as(running_mean), alpha=momentum)
-    unbiased = var.detach() * (count / max(count - 1, 1))
-    running_var.mul_(1 - momentum).add_(unbiased.view_as(running_var), alpha=momentum)
+    momentum * batch`` with the batch variance made unbiased over ``count`` values. ``mean``
+    and ``var`` must not require grad (batch statistics are constants here); the running
+    tensors are buffers. (Written without a no_grad context: this runs once per fused op.)"""
+    if mean.shape != running_mean.shape:
+        mean, var = mean.view_as(running_mean), var.view_as(running_var)
+    running_mean.lerp_(mean, momentum)
+    running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
