@@ -3,10 +3,12 @@
 Modes (same space, same per-candidate work, same candidates):
   reference      the released algorithm: one candidate at a time, plain PyTorch modules
                  (backend "reference")
-  sequential     the same semantics (one candidate at a time, its own steps and updates) through
-                 fastshift's fastest path: the multi-subnet engine with K = 1 (channels-last
-                 activations, 1x1 convs as matmuls) on the fastest ops backend
-  batched_kK     K candidates per step (Shifter.evaluate_many), K in --ks (default 10 25 50)
+  sequential     the same semantics and code path (Shifter.evaluate, one candidate at a time,
+                 what search(batch_subnets=1) runs) on fastshift's fastest ops backend: every
+                 block through the fused ops, channels-last
+  batched_kK     K candidates per step (Shifter.evaluate_many), K in --ks (default 10 25 50),
+                 on the fastest ops backend
+  batched_kK_reference_ops   the same on the plain-PyTorch ops (--reference-ops-ks)
 
 Workload per candidate (--scale):
   cpu   SPOS ShuffleNetV2 at 64x64, 20 train steps of 64 images, 25 validation batches of 128
@@ -111,9 +113,9 @@ def with_backend(net, backend):
 
 def check_correctness(base, train, val, scale, device, fast_backend, archs):
     """Before timing, in float64 (the fp32 rounding of a deep random-init network is larger
-    than any semantic tolerance): the engine (K = 1, fast backend) equals the reference on one
-    candidate, and batched fitness equals sequential fitness with lr = 0 (same weights,
-    statistics and batches)."""
+    than any semantic tolerance): the fast backend (module path and engine with K = 1) equals
+    the reference on one candidate, and batched fitness equals sequential fitness with lr = 0
+    (same weights, statistics and batches)."""
     f64 = torch.float64
     base = copy.deepcopy(base).to(f64)
     base.dropout.p = 0.0  # the batched pass draws its masks in another order
@@ -123,9 +125,10 @@ def check_correctness(base, train, val, scale, device, fast_backend, archs):
                             steps=2, val_batches=1, dtype=f64)
 
     a = shifter("reference").evaluate(archs[0], seed=0)
-    b = shifter(fast_backend).evaluate_many([archs[0]], seed=0)[0]
-    assert abs(a["train_loss"] - b["train_loss"]) < 1e-9 * abs(a["train_loss"]), (a, b)
-    assert a["top1_err"] == b["top1_err"] and a["top5_err"] == b["top5_err"], (a, b)
+    for b in (shifter(fast_backend).evaluate(archs[0], seed=0),
+              shifter(fast_backend).evaluate_many([archs[0]], seed=0)[0]):
+        assert abs(a["train_loss"] - b["train_loss"]) < 1e-9 * abs(a["train_loss"]), (a, b)
+        assert a["top1_err"] == b["top1_err"] and a["top5_err"] == b["top5_err"], (a, b)
     k = min(4, len(archs))
     batched = shifter(fast_backend, lr=0.0).evaluate_many(archs[:k], seed=0)
     for arch, fit in zip(archs[:k], batched):
@@ -147,7 +150,7 @@ def time_mode(base, backend, k, archs, train, val, scale, device, max_rows=None)
         warm.evaluate_many(archs[:k], seed=0, max_rows=max_rows)
     _sync(device)
     t = time.perf_counter()
-    if k == 0:  # the reference: Shifter.evaluate on the plain modules
+    if k == 0:  # Shifter.evaluate, one candidate at a time
         for i, arch in enumerate(archs):
             shifter.evaluate(arch, seed=i)
     else:
@@ -166,6 +169,8 @@ def main(argv=None):
                         help="subset of reference sequential batched (default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--max-rows", type=int, default=None)
+    parser.add_argument("--reference-ops-ks", type=int, nargs="*", default=[],
+                        help="also time batched_kK on the plain-PyTorch ops (backend reference)")
     parser.add_argument("--out", default=None, help="JSON output file")
     args = parser.parse_args(argv)
 
@@ -187,9 +192,12 @@ def main(argv=None):
     if "reference" in wanted:
         plan.append(("reference", "reference", 0))
     if "sequential" in wanted:
-        plan.append(("sequential", fast_backend, 1))
+        plan.append(("sequential", fast_backend, 0))
     if "batched" in wanted:
         plan += [(f"batched_k{k}", fast_backend, k) for k in args.ks if k <= len(archs)]
+        if args.reference_ops_ks and fast_backend != "reference":
+            plan += [(f"batched_k{k}_reference_ops", "reference", k)
+                     for k in args.reference_ops_ks if k <= len(archs)]
     modes = {}
     for name, backend, k in plan:
         seconds = time_mode(base, backend, k, archs, train, val, scale, device, args.max_rows)

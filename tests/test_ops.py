@@ -71,6 +71,28 @@ def test_channel_interleave_matches_reference(device, dtype, shape):
 
 
 @needs_c
+@pytest.mark.parametrize("device,dtype,shape", list(_cases()))
+def test_channels_last_layout_is_kept(device, dtype, shape):
+    """Channels-last input (the fused block path) gives channels-last halves and back, with the
+    values of the reference, also for strided channel slices (cat-backward gradients)."""
+    b, c, h, w = shape
+    x = torch.randn(b, 2 * c, h, w, dtype=torch.float64).to(device, dtype)
+    x = x.contiguous(memory_format=torch.channels_last)[:, c // 2: c // 2 + c]
+    x.requires_grad_(True)
+    even, odd = ops.channel_split(x, backend=device)
+    ref_even, ref_odd = reference.channel_split(x)
+    torch.testing.assert_close(even, ref_even, **TOL[dtype])
+    torch.testing.assert_close(odd, ref_odd, **TOL[dtype])
+    if x.numel():
+        assert even.is_contiguous(memory_format=torch.channels_last)
+    out = ops.channel_interleave(even, odd, backend=device)
+    torch.testing.assert_close(out, x, **TOL[dtype])
+    g = (torch.randn_like(even), torch.randn_like(odd))
+    torch.testing.assert_close(torch.autograd.grad((even, odd), x, g),
+                               torch.autograd.grad((ref_even, ref_odd), x, g), **TOL[dtype])
+
+
+@needs_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck_fp64(device):
     x = torch.randn(2, 6, 3, 5, dtype=torch.float64, device=device, requires_grad=True)
@@ -88,6 +110,11 @@ def test_opcheck(device):
     torch.library.opcheck(torch.ops.fastshift.channel_split.default, (x,))
     a = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
     b = torch.randn(2, 4, 3, 3, device=device, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastshift.channel_interleave.default, (a, b))
+    cl = torch.channels_last
+    x = torch.randn(2, 8, 3, 3, device=device).contiguous(memory_format=cl).requires_grad_(True)
+    torch.library.opcheck(torch.ops.fastshift.channel_split.default, (x,))
+    a = torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl).requires_grad_(True)
     torch.library.opcheck(torch.ops.fastshift.channel_interleave.default, (a, b))
 
 

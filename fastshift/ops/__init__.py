@@ -143,6 +143,13 @@ def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
                                    training=training, momentum=momentum, eps=eps)
     mean_in, var_in = _stats_args(x, x.shape[1], groups, running_mean, running_var, training,
                                   "dwconv_bn")
+    k = weight.shape[-1]
+    live = 2 * max(x.shape[2], x.shape[3]) - 1
+    if weight.dim() == 4 and k > live and k % 2 == 1:
+        # Exact: on an H x W map only the central 2 max(H, W) - 1 taps ever meet an input
+        # pixel (any stride); the cropped taps get zero gradient through the slice.
+        off = (k - live) // 2
+        weight = weight[:, :, off:off + live, off:off + live]
     op = torch.ops.fastshift.dwconv_bn_triton if name == "triton" else torch.ops.fastshift.dwconv_bn
     y, mean, var = op(x, weight, mean_in, var_in, stride, groups, eps, training)
     if training and running_mean is not None and x.shape[0]:
