@@ -13,6 +13,20 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_tile(rows, cols, C, BLOCK_W: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's tile of a grid (R * rows * cdiv(cols, BLOCK_W), cdiv(C, BLOCK_C)) over
+    [R, rows, cols, C] maps: image r, row, BLOCK_W column indices, BLOCK_C channel indices and
+    the channel mask."""
+    pid = tl.program_id(0)
+    n_wb = tl.cdiv(cols, BLOCK_W)
+    row = (pid // n_wb) % rows
+    r = pid // (n_wb * rows)
+    col = (pid % n_wb) * BLOCK_W + tl.arange(0, BLOCK_W)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    return r, row, col, c, c < C
+
+
+@triton.jit
 def _dw_conv_kernel(x_ptr, w_ptr, out_ptr, shift_ptr, scale_ptr, H, W, C, OH, OW,
                     rows_per_group, K: tl.constexpr, S: tl.constexpr,
                     NORMALIZE: tl.constexpr, ACC: tl.constexpr, BLOCK_W: tl.constexpr,
@@ -20,14 +34,7 @@ def _dw_conv_kernel(x_ptr, w_ptr, out_ptr, shift_ptr, scale_ptr, H, W, C, OH, OW
     """out[r, oh, ow, c] = sum_{kh,kw} x[r, oh*S - P + kh, ow*S - P + kw, c] * w[kh, kw, c]
     (zero padding P = K // 2); with NORMALIZE, (out - shift[g, c]) * scale[g, c] for the row
     group g = r // rows_per_group. Grid: (R * OH * cdiv(OW, BLOCK_W), cdiv(C, BLOCK_C))."""
-    pid = tl.program_id(0)
-    n_wb = tl.cdiv(OW, BLOCK_W)
-    wb = pid % n_wb
-    oh = (pid // n_wb) % OH
-    r = pid // (n_wb * OH)
-    ow = wb * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    r, oh, ow, c, cmask = _row_tile(OH, OW, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = K // 2
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):
@@ -59,14 +66,7 @@ def _dw_input_grad_kernel(dz_ptr, w_ptr, dx_ptr, H, W, C, OH, OW, K: tl.constexp
     """dx[r, ih, iw, c] = sum_{kh,kw} dz[r, (ih + P - kh) / S, (iw + P - kw) / S, c] w[kh, kw, c]
     over the taps where the division is exact and in range (the transposed conv).
     Grid: (R * H * cdiv(W, BLOCK_W), cdiv(C, BLOCK_C))."""
-    pid = tl.program_id(0)
-    n_wb = tl.cdiv(W, BLOCK_W)
-    wb = pid % n_wb
-    ih = (pid // n_wb) % H
-    r = pid // (n_wb * H)
-    iw = wb * BLOCK_W + tl.arange(0, BLOCK_W)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    cmask = c < C
+    r, ih, iw, c, cmask = _row_tile(H, W, C, BLOCK_W, BLOCK_C)
     P: tl.constexpr = K // 2
     acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC)
     for kh in tl.static_range(K):
