@@ -9,7 +9,8 @@ Quick use::
     result = fastshift.search(net, train_data, val_data, flops_limit=330e6, seed=0)
 """
 
-from . import data, ops, spaces
+from . import analysis, data, ops, spaces
+from .analysis import order_preserving
 from .checkpoint import load_state_dict
 from .evolution import EvolutionSearcher
 from .search import SearchResult, search
@@ -34,9 +35,11 @@ __all__ = [
     "Subnet",
     "Supernet",
     "XCEPTION",
+    "analysis",
     "data",
     "load_state_dict",
     "ops",
+    "order_preserving",
     "search",
     "spaces",
     "train_supernet",
