@@ -170,17 +170,24 @@ def _channel_sums_kernel(a_ptr, b_ptr, shift_ptr, out1_ptr, out2_ptr, pixels_per
 
 
 @triton.jit
+def _grouped_tile(M, C, pixels_per_group, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """This program's [BLOCK_P, BLOCK_C] tile of a grid (cdiv(M, BLOCK_P), cdiv(C, BLOCK_C))
+    over [M, C] rows in groups of pixels_per_group: mask, element offsets, and the offsets of
+    each element's [G, C] statistic."""
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    m = (p < M)[:, None] & (c < C)[None, :]
+    g = p // pixels_per_group
+    return m, p[:, None] * C + c[None, :], g[:, None] * C + c[None, :]
+
+
+@triton.jit
 def _normalize_kernel(z_ptr, y_ptr, mean_ptr, rstd_ptr, M, C, pixels_per_group,
                       RELU: tl.constexpr, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
                       BLOCK_C: tl.constexpr):
     """z := (z - mean[g]) * rstd[g] in place; with RELU also y := max(z, 0) (NaN kept).
     Grid: (cdiv(M, BLOCK_P), cdiv(C, BLOCK_C))."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = (p < M)[:, None] & (c < C)[None, :]
-    g = p // pixels_per_group
-    st = g[:, None] * C + c[None, :]
-    off = p[:, None] * C + c[None, :]
+    m, off, st = _grouped_tile(M, C, pixels_per_group, BLOCK_P, BLOCK_C)
     z = tl.load(z_ptr + off, mask=m, other=0.0).to(ACC)
     mean = tl.load(mean_ptr + st, mask=m, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + st, mask=m, other=0.0).to(ACC)
@@ -197,12 +204,7 @@ def _bn_input_grad_kernel(dy_ptr, xh_ptr, rstd_ptr, a_ptr, b_ptr, dz_ptr, M, C,
     """dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval), dy' = dy masked by
     xhat > 0 with RELU (in eval xh is the output y, of the same sign where it matters).
     Grid: (cdiv(M, BLOCK_P), cdiv(C, BLOCK_C))."""
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    m = (p < M)[:, None] & (c < C)[None, :]
-    g = p // pixels_per_group
-    st = g[:, None] * C + c[None, :]
-    off = p[:, None] * C + c[None, :]
+    m, off, st = _grouped_tile(M, C, pixels_per_group, BLOCK_P, BLOCK_C)
     dy = tl.load(dy_ptr + off, mask=m, other=0.0).to(ACC)
     rstd = tl.load(rstd_ptr + st, mask=m, other=0.0).to(ACC)
     if RELU or TRAINING:
