@@ -1,4 +1,4 @@
-"""The ``fastshift`` command: train-supernet, search, export, info.
+"""The ``fastshift`` command: train-supernet, search, export, evaluate, info.
 
 Data: ``--data digits`` (built-in, scikit-learn's 8x8 digits, fixed seeded split) or
 ``--train-dir`` / ``--val-dir`` ImageFolder trees (ImageNet layout).
@@ -264,6 +264,115 @@ def cmd_export(args):
     print(f"wrote {args.out}")
 
 
+def _read_ground_truth(path, space):
+    """(archs, accuracies) from a CSV (columns ``arch`` and ``accuracy``; arch as ``0-1-2-3``,
+    ``0,1,2,3`` or ``(0, 1, 2, 3)``) or a JSON list of ``{"arch": [...], "accuracy": x}``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ground-truth file not found: {path}")
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise CliError(f"{path}: expected a JSON list of {{\"arch\": ..., \"accuracy\": ...}}")
+    else:
+        import csv
+
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    archs, accs = [], []
+    for i, row in enumerate(rows):
+        if not isinstance(row, dict) or "arch" not in row or "accuracy" not in row:
+            raise CliError(f"{path}: row {i} needs the fields 'arch' and 'accuracy'")
+        genes = row["arch"]
+        if isinstance(genes, str):
+            genes = [int(t) for t in genes.replace("-", ",").replace(" ", "").strip("()[]")
+                     .split(",") if t != ""]
+        try:
+            archs.append(space.validate(genes))
+        except ValueError as exc:
+            raise CliError(f"{path}: row {i}: {exc}") from None
+        accs.append(float(row["accuracy"]))
+    if len(archs) < 2:
+        raise CliError(f"{path}: needs at least 2 architectures, got {len(archs)}")
+    return archs, accs
+
+
+def _plot(path, scores, accs, result, top):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    accs, scores = np.asarray(accs), np.asarray(scores)
+    local = np.zeros(len(accs), dtype=bool)
+    local[np.argsort(-accs, kind="mergesort")[:result.n_local]] = True
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.scatter(accs[~local], scores[~local], s=12, c="0.6", label="all architectures")
+    ax.scatter(accs[local], scores[local], s=16, c="tab:red",
+               label=f"local: best {top:.0%} by ground truth")
+    ax.set_xlabel("ground-truth accuracy")
+    ax.set_ylabel("supernet accuracy")
+    ax.set_title(f"global tau {result.global_tau:.3f}, local tau {result.local_tau:.3f} "
+                 f"(n = {result.n})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def cmd_evaluate(args):
+    """Rank the ground-truth file's architectures with the supernet (SPOS: BN recalibration,
+    frozen weights) and report the order preservation; JSON + PNG in --out."""
+    from .analysis import order_preserving
+    from .data import BatchStream, EvalSet
+    from .shifting import FitnessConfig, Shifter
+
+    _default_space(args)
+    device = _device(args)
+    space = _space_from_checkpoint(args.supernet) if not args.space_config else None
+    if space is None:
+        space = _space(args)
+    archs, accs = _read_ground_truth(args.ground_truth, space)
+    train, val, _, num_classes = _data(args)
+    net = _load_supernet(args.supernet, space, num_classes).to(device)
+    cfg = FitnessConfig(shifting=False, train_steps=args.recalib_steps,
+                        train_batch_size=args.recalib_batch_size, val_batches=args.val_batches,
+                        val_batch_size=args.val_batch_size)
+    shifter = Shifter(net, BatchStream(train, cfg.train_batch_size, seed=args.seed, device=device),
+                      EvalSet.balanced(val, cfg.val_batches, cfg.val_batch_size, device=device),
+                      cfg)
+    scores = []
+    iterator = range(len(archs))
+    if not args.no_progress:
+        from tqdm import tqdm
+
+        iterator = tqdm(iterator, desc="evaluate", unit="arch")
+    for i in iterator:
+        scores.append(1.0 - shifter.evaluate(archs[i], seed=args.seed + i)["top1_err"])
+    results = {f"top{top:g}": order_preserving(scores, accs, top=top).to_dict()
+               for top in args.tops}
+    os.makedirs(args.out, exist_ok=True)
+    out = {"supernet": args.supernet, "ground_truth": args.ground_truth,
+           "recalibration": {"steps": cfg.train_steps, "batch_size": cfg.train_batch_size},
+           "validation": {"batches": cfg.val_batches, "batch_size": cfg.val_batch_size},
+           "results": results,
+           "architectures": [{"arch": list(a), "accuracy": acc, "supernet_accuracy": sc}
+                             for a, acc, sc in zip(archs, accs, scores)]}
+    json_path = os.path.join(args.out, "evaluate.json")
+    with open(json_path + ".tmp", "w") as f:
+        json.dump(out, f, indent=2)
+    os.replace(json_path + ".tmp", json_path)
+    plot_top = 0.2 if 0.2 in args.tops else args.tops[0]
+    png_path = os.path.join(args.out, "evaluate.png")
+    _plot(png_path, scores, accs, order_preserving(scores, accs, top=plot_top), plot_top)
+    for name, r in results.items():
+        print(f"{name}: n={r['n']} global tau {r['global_tau']:.3f} rho {r['global_rho']:.3f} | "
+              f"local ({r['n_local']}) tau {r['local_tau']:.3f} rho {r['local_rho']:.3f} | "
+              f"top-{r['k']} precision {r['topk_precision']:.2f}")
+    print(f"wrote {json_path}, {png_path}")
+
+
 def cmd_info(args):
     from .info import report
 
@@ -321,6 +430,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--space", help="space name when the checkpoint does not record it")
     p.add_argument("--out", default="subnet.pt")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("evaluate", help="order preservation of a supernet against a "
+                       "ground-truth file (Kendall tau / Spearman, global and local)")
+    _add_data_args(p)
+    p.add_argument("--supernet", required=True, help="supernet checkpoint")
+    p.add_argument("--ground-truth", required=True,
+                   help="CSV (columns arch, accuracy) or JSON list of {arch, accuracy}")
+    p.add_argument("--tops", type=float, nargs="+", default=[0.1, 0.2, 0.5],
+                   help="local regions: best fractions by ground truth")
+    p.add_argument("--recalib-steps", type=int, default=200,
+                   help="BN recalibration batches per architecture (SPOS)")
+    p.add_argument("--recalib-batch-size", type=int, default=128)
+    p.add_argument("--val-batches", type=int, default=4)
+    p.add_argument("--val-batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/evaluate", help="output folder (JSON and PNG)")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("info", help="what was built and what is usable")
     p.add_argument("--json", action="store_true")

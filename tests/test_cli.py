@@ -97,3 +97,42 @@ def test_console_script_is_installed():
         pytest.skip("console script not installed in this environment")
     p = subprocess.run([exe, "info"], capture_output=True, text=True, timeout=120)
     assert p.returncode == 0 and "fastshift" in p.stdout
+
+
+def test_evaluate_order_preservation(tmp_path, trained_state, digits_space):
+    """`fastshift evaluate`: supernet scores of the ground-truth file's architectures, the
+    order-preservation numbers (equal to fastshift.analysis on the written scores) and a plot."""
+    from fastshift.checkpoint import atomic_save
+
+    ckpt = tmp_path / "sn.pt"
+    atomic_save({"state_dict": trained_state, "space": digits_space.config()}, str(ckpt))
+    archs = [tuple([c] * 4) for c in range(4)] + [(0, 1, 2, 3), (3, 2, 1, 0), (1, 1, 0, 0)]
+    gt = [{"arch": list(a), "accuracy": 0.5 + 0.05 * i} for i, a in enumerate(archs)]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    csv_rows = ["arch,accuracy"] + [f"{'-'.join(map(str, a))},{0.5 + 0.05 * i}"
+                                    for i, a in enumerate(archs)]
+    (tmp_path / "gt.csv").write_text("\n".join(csv_rows) + "\n")
+    common = ["--supernet", ckpt, "--recalib-steps", "2", "--recalib-batch-size", "32",
+              "--val-batches", "1", "--val-batch-size", "100", "--no-progress",
+              "--tops", "0.3", "0.5"]
+    outs = []
+    for name in ("gt.json", "gt.csv"):
+        out = tmp_path / f"eval_{name}"
+        p = fastshift_cli("evaluate", "--ground-truth", tmp_path / name, "--out", out, *common)
+        assert p.returncode == 0, p.stderr[-3000:]
+        result = json.loads((out / "evaluate.json").read_text())
+        assert (out / "evaluate.png").stat().st_size > 1000
+        rows = result["architectures"]
+        assert [tuple(r["arch"]) for r in rows] == archs
+        want = fastshift.order_preserving([r["supernet_accuracy"] for r in rows],
+                                          [r["accuracy"] for r in rows], top=0.3)
+        assert result["results"]["top0.3"] == pytest.approx(want.to_dict(), nan_ok=True)
+        assert result["results"]["top0.3"]["n"] == 7 and want.n_local == 3
+        outs.append(rows)
+    assert outs[0] == outs[1]  # CSV and JSON read the same file content
+    (tmp_path / "bad.csv").write_text("arch,acc\n0-1-2-3,0.5\n")
+    p = fastshift_cli("evaluate", "--ground-truth", tmp_path / "bad.csv", *common)
+    assert p.returncode == 2 and "needs the fields 'arch' and 'accuracy'" in p.stderr
+    (tmp_path / "bad2.csv").write_text("arch,accuracy\n0-1-2-7,0.5\n0-0-0-0,0.4\n")
+    p = fastshift_cli("evaluate", "--ground-truth", tmp_path / "bad2.csv", *common)
+    assert p.returncode == 2 and "row 0" in p.stderr and "gene 3 is 7" in p.stderr
