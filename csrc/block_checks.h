@@ -1,5 +1,6 @@
 // Host-side argument checks of the fused block ops (dwconv_bn, pwconv_bn_relu), shared by the
-// CPU and CUDA bodies. Messages name the op, the argument and the expected value.
+// CPU and CUDA bodies, with the layout helpers both use. Messages name the op, the argument
+// and the expected value.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -67,6 +68,23 @@ inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
 
 inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride) {
   return (in + 2 * (k / 2) - k) / stride + 1;
+}
+
+// Channels-last layout shared by the CPU and CUDA bodies.
+// [R, C, H, W] in any layout -> contiguous channels-last storage ([R, H, W, C] rows).
+inline at::Tensor rows_last(const at::Tensor& t) {
+  return t.contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+// A new channels-last [R, C, H, W] tensor (storage [R, H, W, C]).
+inline at::Tensor empty_rows_last(int64_t R, int64_t C, int64_t H, int64_t W,
+                                  const at::Tensor& like) {
+  return at::empty({R, H, W, C}, like.options()).permute({0, 3, 1, 2});
+}
+
+// The [R*H*W, C] pixel rows of an [R, C, H, W] tensor (a view when it is channels-last).
+inline at::Tensor pixel_rows(const at::Tensor& t) {
+  return rows_last(t).permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
 }
 
 }  // namespace fastshift

@@ -215,9 +215,7 @@ def cmd_search(args):
     summary["wall_seconds"] = time.perf_counter() - t0
     atomic_save({"state_dict": result.supernet.state_dict(), "space": space.config()},
                 os.path.join(args.out, "supernet_shifted.pt"))
-    with open(os.path.join(args.out, "result.json.tmp"), "w") as f:
-        json.dump(summary, f, indent=2)
-    os.replace(os.path.join(args.out, "result.json.tmp"), os.path.join(args.out, "result.json"))
+    _write_json(os.path.join(args.out, "result.json"), summary)
     print(f"best architecture: {tuple(result.best_arch)} = {' / '.join(summary['best_choices'])}")
     print(f"validation top-1 error {result.best_error:.4f}, {summary['flops']} FLOPs, "
           f"{summary['params']} params; {len(result.history)} evaluations in "
@@ -228,12 +226,23 @@ def cmd_search(args):
     print(f"wrote {args.out}/result.json, {log_path}, {args.out}/supernet_shifted.pt")
 
 
-def _parse_arch(text, space):
+def _parse_genes(text, what):
+    """``0,1,2,3`` or ``(0, 1, 2, 3)`` -> list of ints."""
     try:
-        genes = [int(t) for t in text.replace(" ", "").strip("()[]").split(",") if t != ""]
+        return [int(t) for t in text.replace(" ", "").strip("()[]").split(",") if t != ""]
     except ValueError:
-        raise CliError(f"--arch must be comma-separated ints, got {text!r}") from None
-    return space.validate(genes)
+        raise CliError(f"{what} must be comma-separated ints, got {text!r}") from None
+
+
+def _parse_arch(text, space):
+    return space.validate(_parse_genes(text, "--arch"))
+
+
+def _write_json(path, obj):
+    """Write ``obj`` as JSON, atomically (a temporary file, then rename)."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(path + ".tmp", path)
 
 
 def cmd_export(args):
@@ -285,8 +294,7 @@ def _read_ground_truth(path, space):
             raise CliError(f"{path}: row {i} needs the fields 'arch' and 'accuracy'")
         genes = row["arch"]
         if isinstance(genes, str):
-            genes = [int(t) for t in genes.replace("-", ",").replace(" ", "").strip("()[]")
-                     .split(",") if t != ""]
+            genes = _parse_genes(genes.replace("-", ","), f"{path}: row {i}: arch")
         try:
             archs.append(space.validate(genes))
         except ValueError as exc:
@@ -360,9 +368,7 @@ def cmd_evaluate(args):
            "architectures": [{"arch": list(a), "accuracy": acc, "supernet_accuracy": sc}
                              for a, acc, sc in zip(archs, accs, scores)]}
     json_path = os.path.join(args.out, "evaluate.json")
-    with open(json_path + ".tmp", "w") as f:
-        json.dump(out, f, indent=2)
-    os.replace(json_path + ".tmp", json_path)
+    _write_json(json_path, out)
     plot_top = 0.2 if 0.2 in args.tops else args.tops[0]
     png_path = os.path.join(args.out, "evaluate.png")
     _plot(png_path, scores, accs, order_preserving(scores, accs, top=plot_top), plot_top)

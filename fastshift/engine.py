@@ -110,19 +110,17 @@ class PathStats:
 
     def batch_norm(self, prefixes, training: bool):
         """A ``batch_norm(module, x)`` callback for ``forward_grouped`` on these prefixes."""
-        groups = len(prefixes)
+        stats_of = self.norm_stats(prefixes, training)
 
         def apply(module: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-            name = self.names[id(module)]
-            mean, var = self.gather(name, prefixes)
+            mean, var, groups, done = stats_of(module)
             momentum = module.momentum if module.momentum is not None else 0.1
             if groups == 1:
                 y = F.batch_norm(x, mean[0], var[0], training=training, momentum=momentum,
                                  eps=module.eps)
             else:
                 y = grouped_batch_norm(x, groups, mean, var, training, momentum, module.eps)
-            if training:
-                self.scatter(name, prefixes, mean, var)
+            done()
             return y
 
         return apply

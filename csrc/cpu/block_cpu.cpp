@@ -370,14 +370,6 @@ FASTSHIFT_KERNELS(float)
 FASTSHIFT_KERNELS(double)
 #undef FASTSHIFT_KERNELS
 
-// [R, C, H, W] in any layout -> contiguous channels-last storage ([R, H, W, C] rows).
-at::Tensor rows_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
-
-// A new channels-last [R, C, H, W] tensor (storage [R, H, W, C]).
-at::Tensor empty_rows_last(int64_t R, int64_t C, int64_t H, int64_t W, const at::Tensor& like) {
-  return at::empty({R, H, W, C}, like.options()).permute({0, 3, 1, 2});
-}
-
 // Per-group mean and biased variance [G, C] from per-chunk double sums over `count` values
 // per group.
 template <typename T>
@@ -551,7 +543,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
   const at::Tensor x = rows_last(x_in);
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
   const int64_t pixels = H * W;
-  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({R * pixels, C});
+  const at::Tensor x2d = pixel_rows(x);
   at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());  // [R*H*W, O]
   at::Tensor y = training ? at::empty_like(z) : z;
   at::Tensor mean = at::empty({groups, O}, x.options());
@@ -622,7 +614,7 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
                         training ? b.data() + g * O : nullptr, dzp + r * img);
     });
   });
-  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({R * pixels, C});
+  const at::Tensor x2d = pixel_rows(x);
   at::Tensor dx = at::mm(dz, weight.reshape({O, C}));  // [R*H*W, C]
   at::Tensor dw = at::mm(dz.t(), x2d);                  // [O, C]
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};

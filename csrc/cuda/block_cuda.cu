@@ -152,12 +152,6 @@ __global__ void bn_input_grad_kernel(const T* __restrict__ dy, const T* __restri
   }
 }
 
-at::Tensor rows_last(const at::Tensor& t) { return t.contiguous(at::MemoryFormat::ChannelsLast); }
-
-at::Tensor empty_rows_last(int64_t R, int64_t C, int64_t H, int64_t W, const at::Tensor& like) {
-  return at::empty({R, H, W, C}, like.options()).permute({0, 3, 1, 2});
-}
-
 at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -268,9 +262,8 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cuda(
               grad_in.sizes());
   at::Tensor dx = empty_rows_last(R, C, H, W, x);
   if (R == 0) return {dx, at::zeros_like(weight, at::MemoryFormat::Contiguous)};
-  const at::Tensor dy2d = rows_last(grad_in).permute({0, 2, 3, 1}).reshape({R * OH * OW, C});
-  const at::Tensor xh2d =
-      training ? rows_last(y_in).permute({0, 2, 3, 1}).reshape({R * OH * OW, C}) : dy2d;
+  const at::Tensor dy2d = pixel_rows(grad_in);
+  const at::Tensor xh2d = training ? pixel_rows(y_in) : dy2d;
   const at::Tensor dz = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/false);
   const at::Tensor wt = weight.reshape({C, K * K}).t().contiguous();
   const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(256, R * OH * OW / 64));
@@ -299,7 +292,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cuda(
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = rows_last(x_in);
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
-  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({R * H * W, C});
+  const at::Tensor x2d = pixel_rows(x);
   at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());
   const auto acc = acc_dtype(x);
   if (!training) {
@@ -331,10 +324,10 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cuda(
               "pwconv_bn_relu_backward: grad_y must be [", R, ", ", O, ", ", H, ", ", W,
               "], got ", grad_in.sizes());
   const int64_t M = R * H * W;
-  const at::Tensor dy2d = rows_last(grad_in).permute({0, 2, 3, 1}).reshape({M, O});
-  const at::Tensor xh2d = rows_last(training ? xhat_in : y_in).permute({0, 2, 3, 1}).reshape({M, O});
+  const at::Tensor dy2d = pixel_rows(grad_in);
+  const at::Tensor xh2d = pixel_rows(training ? xhat_in : y_in);
   const at::Tensor dz = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/true);
-  const at::Tensor x2d = x.permute({0, 2, 3, 1}).reshape({M, C});
+  const at::Tensor x2d = pixel_rows(x);
   at::Tensor dx = at::mm(dz, weight.reshape({O, C}));
   at::Tensor dw = at::mm(dz.t(), x2d);
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};

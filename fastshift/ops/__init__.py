@@ -124,6 +124,14 @@ def _stats_args(x, channels, groups, running_mean, running_var, training, op):
     return ones, ones
 
 
+def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum):
+    """After a compiled op in training: fold its batch statistics into the running ones (the
+    ``[G, C]`` views ``mean_in`` / ``var_in``), unless none were given or the batch is empty."""
+    if training and running_mean is not None and y.shape[0]:
+        count = (y.shape[0] // groups) * y.shape[2] * y.shape[3]
+        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+
+
 def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
               running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
               groups: int = 1, training: bool, momentum: float = 0.1, eps: float = 1e-5,
@@ -152,9 +160,7 @@ def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
         weight = weight[:, :, off:off + live, off:off + live]
     op = torch.ops.fastshift.dwconv_bn_triton if name == "triton" else torch.ops.fastshift.dwconv_bn
     y, mean, var = op(x, weight, mean_in, var_in, stride, groups, eps, training)
-    if training and running_mean is not None and x.shape[0]:
-        count = (x.shape[0] // groups) * y.shape[2] * y.shape[3]
-        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+    _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
     return y
 
 
@@ -176,7 +182,5 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
     op = (torch.ops.fastshift.pwconv_bn_relu_triton if name == "triton"
           else torch.ops.fastshift.pwconv_bn_relu)
     y, _, mean, var = op(x, weight, mean_in, var_in, groups, eps, training)
-    if training and running_mean is not None and x.shape[0]:
-        count = (x.shape[0] // groups) * y.shape[2] * y.shape[3]
-        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+    _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
     return y

@@ -56,6 +56,11 @@ def _rows_last(t):
     return t.contiguous(memory_format=torch.channels_last)
 
 
+def _pixel_rows(t):
+    """The [R*H*W, C] pixel rows of an [R, C, H, W] tensor (a view when channels-last)."""
+    return _rows_last(t).permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
 def _empty_rows_last(r, c, h, w, like):
     return torch.empty((r, h, w, c), dtype=like.dtype, device=like.device).permute(0, 3, 1, 2)
 
@@ -217,8 +222,8 @@ def dwconv_bn_backward(grad_y, x, weight, y, var, stride, groups, eps, training)
     dx = _empty_rows_last(r, c, h, w, x)
     if r == 0:
         return dx, torch.zeros_like(weight, memory_format=torch.contiguous_format)
-    dy2d = _rows_last(grad_y).permute(0, 2, 3, 1).reshape(r * oh * ow, c)
-    xh2d = _rows_last(y).permute(0, 2, 3, 1).reshape(r * oh * ow, c) if training else dy2d
+    dy2d = _pixel_rows(grad_y)
+    xh2d = _pixel_rows(y) if training else dy2d
     dz = _bn_input_grad(dy2d, xh2d, var, eps, groups, training, relu=False)
     wt = weight.reshape(c, k * k).t().contiguous()
     acc = _acc(x.dtype)
@@ -253,7 +258,7 @@ def pwconv_bn_relu(x, weight, mean, var, groups, eps, training):
     r, c, h, w, o = _pw_shape(op, x, weight, groups)
     _check_stats(op, "mean", mean, groups, o)
     _check_stats(op, "var", var, groups, o)
-    x2d = _rows_last(x).permute(0, 2, 3, 1).reshape(r * h * w, c)
+    x2d = _pixel_rows(x)
     z = _matmul(x2d, weight.reshape(o, c).t())  # [M, O]
     if training:
         bmean, bvar = _moments(z, groups)
@@ -276,11 +281,10 @@ def pwconv_bn_relu_backward(grad_y, x, weight, y, xhat, var, groups, eps, traini
     if tuple(grad_y.shape) != (r, o, h, w):
         raise RuntimeError(f"{op}: grad_y must be [{r}, {o}, {h}, {w}], got "
                            f"{list(grad_y.shape)}")
-    m = r * h * w
-    dy2d = _rows_last(grad_y).permute(0, 2, 3, 1).reshape(m, o)
-    xh2d = _rows_last(xhat if training else y).permute(0, 2, 3, 1).reshape(m, o)
+    dy2d = _pixel_rows(grad_y)
+    xh2d = _pixel_rows(xhat if training else y)
     dz = _bn_input_grad(dy2d, xh2d, var, eps, groups, training, relu=True)
-    x2d = _rows_last(x).permute(0, 2, 3, 1).reshape(m, c)
+    x2d = _pixel_rows(x)
     w2d = weight.reshape(o, c)
     dx = _matmul(dz, w2d)            # [M, C]
     dw = _matmul(dz.t(), x2d)        # [O, C]
