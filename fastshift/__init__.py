@@ -9,7 +9,7 @@ Quick use::
     result = fastshift.search(net, train_data, val_data, flops_limit=330e6, seed=0)
 """
 
-from . import analysis, data, ops, spaces
+from . import analysis, data, distributed, ops, spaces
 from .analysis import order_preserving
 from .checkpoint import load_state_dict
 from .evolution import EvolutionSearcher
@@ -37,6 +37,7 @@ __all__ = [
     "XCEPTION",
     "analysis",
     "data",
+    "distributed",
     "load_state_dict",
     "ops",
     "order_preserving",

@@ -9,13 +9,26 @@ average ranks).
 
 from __future__ import annotations
 
+import csv
+import json
 import math
-from dataclasses import asdict, dataclass
+import os
+import re
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 __all__ = ["kendall_tau", "spearman_rho", "order_preserving", "OrderPreserving",
-           "topk_precision"]
+           "topk_precision", "GroundTruth", "load_ground_truth", "BUILTIN_GROUND_TRUTH"]
+
+_RESOURCES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "resources")
+
+# Ground-truth tables shipped with the package (built by benchmarks/make_ground_truth.py): every
+# architecture of ``fastshift.spaces.digits`` trained from scratch on ``fastshift.data.digits``.
+BUILTIN_GROUND_TRUTH = {
+    "digits": os.path.join(_RESOURCES, "digits_ground_truth.csv"),
+    "digits5-9": os.path.join(_RESOURCES, "digits59_ground_truth.csv"),
+}
 
 
 def _pair(predicted, truth, what: str) -> tuple[np.ndarray, np.ndarray]:
@@ -126,3 +139,125 @@ def order_preserving(predicted, truth, top: float = 0.2, k: int | None = None
         local_tau=kendall_tau(p[local], t[local]), local_rho=spearman_rho(p[local], t[local]),
         k=k, topk_precision=topk_precision(p, t, k),
     )
+
+
+@dataclass
+class GroundTruth:
+    """Architectures with their ground-truth accuracy (higher is better).
+
+    ``archs``: tuples of choice indices; ``accuracy``: float64 ``[n]``; ``columns``: any further
+    numeric columns of the file (e.g. ``accuracy_std``, ``flops``, ``params``), each ``[n]``;
+    ``meta``: the protocol record next to a built-in table (its ``.json``), else empty.
+    """
+
+    archs: list
+    accuracy: np.ndarray
+    columns: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.archs)
+
+    def index(self) -> dict:
+        """``{arch: row}``."""
+        return {a: i for i, a in enumerate(self.archs)}
+
+    def rank(self, arch) -> int:
+        """1-based rank of ``arch`` by ground-truth accuracy (1 = best; ties share the best
+        rank)."""
+        row = self.index().get(tuple(int(g) for g in arch))
+        if row is None:
+            raise KeyError(f"{tuple(arch)} is not in the ground truth {self.source}")
+        return int((self.accuracy > self.accuracy[row]).sum()) + 1
+
+    def lookup(self, archs) -> np.ndarray:
+        """Ground-truth accuracies of ``archs`` (KeyError naming a missing one)."""
+        idx = self.index()
+        out = []
+        for a in archs:
+            key = tuple(int(g) for g in a)
+            if key not in idx:
+                raise KeyError(f"{key} is not in the ground truth {self.source}")
+            out.append(self.accuracy[idx[key]])
+        return np.asarray(out)
+
+
+def _parse_arch(value, where: str) -> tuple:
+    if isinstance(value, str):
+        tokens = [t for t in re.split(r"[\s,;()\[\]-]+", value) if t]
+        try:
+            return tuple(int(t) for t in tokens)
+        except ValueError:
+            raise ValueError(f"{where}: arch must be ints like 0-1-2-3 or 0,1,2,3, got "
+                             f"{value!r}") from None
+    if isinstance(value, (list, tuple)) and all(isinstance(g, int) for g in value):
+        return tuple(value)
+    raise ValueError(f"{where}: arch must be a list of ints or a string like 0-1-2-3, got "
+                     f"{value!r}")
+
+
+def load_ground_truth(source, space=None) -> GroundTruth:
+    """A ground-truth table: a built-in name (``digits``, ``digits5-9``, see
+    ``BUILTIN_GROUND_TRUTH``), a CSV with columns ``arch`` and ``accuracy`` (arch written
+    ``0-1-2-3``, ``0,1,2,3`` or ``(0, 1, 2, 3)``; other numeric columns are kept), or a JSON list
+    of ``{"arch": [...], "accuracy": x, ...}``.
+
+    ``space``: when given, every architecture is validated against it. Raises
+    FileNotFoundError for a missing file and ValueError naming the row and field of a bad one
+    (missing field, bad arch, non-finite accuracy, duplicate arch, fewer than 2 rows).
+    """
+    path = BUILTIN_GROUND_TRUTH.get(source, os.fspath(source))
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"ground-truth file not found: {path}" + (
+            "" if source in BUILTIN_GROUND_TRUTH else
+            f" (built-in tables: {sorted(BUILTIN_GROUND_TRUTH)})"))
+    if path.endswith(".json"):
+        with open(path) as f:
+            rows = json.load(f)
+        if not isinstance(rows, list):
+            raise ValueError(f'{path}: expected a JSON list of {{"arch": ..., "accuracy": ...}}')
+    else:
+        with open(path, newline="") as f:
+            rows = list(csv.DictReader(f))
+    archs, accs, extra = [], [], {}
+    seen = {}
+    for i, row in enumerate(rows):
+        where = f"{path}: row {i}"
+        if not isinstance(row, dict) or "arch" not in row or "accuracy" not in row:
+            raise ValueError(f"{where} needs the fields 'arch' and 'accuracy'")
+        arch = _parse_arch(row["arch"], where)
+        if space is not None:
+            try:
+                arch = space.validate(arch)
+            except ValueError as exc:
+                raise ValueError(f"{where}: {exc}") from None
+        if arch in seen:
+            raise ValueError(f"{where}: arch {arch} repeats row {seen[arch]}")
+        seen[arch] = i
+        try:
+            acc = float(row["accuracy"])
+        except (TypeError, ValueError):
+            acc = math.nan
+        if not math.isfinite(acc):
+            raise ValueError(f"{where}: accuracy must be a finite number, got {row['accuracy']!r}")
+        archs.append(arch)
+        accs.append(acc)
+        for key, value in row.items():
+            if key in ("arch", "accuracy"):
+                continue
+            try:
+                extra.setdefault(key, []).append(float(value))
+            except (TypeError, ValueError):
+                extra.setdefault(key, []).append(math.nan)
+    if len(archs) < 2:
+        raise ValueError(f"{path}: needs at least 2 architectures, got {len(archs)}")
+    columns = {k: np.asarray(v) for k, v in extra.items()
+               if len(v) == len(archs) and not np.isnan(v).all()}
+    meta = {}
+    meta_path = os.path.splitext(path)[0] + ".json"
+    if not path.endswith(".json") and os.path.isfile(meta_path):
+        with open(meta_path) as f:
+            meta = json.load(f)
+    return GroundTruth(archs=archs, accuracy=np.asarray(accs, dtype=np.float64),
+                       columns=columns, meta=meta, source=path)

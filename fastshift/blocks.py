@@ -93,7 +93,13 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
             continue
         relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
         mean, var, groups, done = norm_stats(bn)
-        momentum = bn.momentum if bn.momentum is not None else 0.1
+        momentum = bn.momentum
+        if momentum is None:
+            # nn.BatchNorm2d's cumulative average over the module's own batches; grouped
+            # (per-subnet) statistics keep no batch count and use the default 0.1.
+            tracked = bn.num_batches_tracked
+            momentum = (1.0 / (int(tracked) + 1) if norm_stats is module_stats
+                        and tracked is not None else 0.1)
         kw = dict(groups=groups, training=training, momentum=momentum, eps=bn.eps,
                   backend=backend)
         if _is_depthwise(m) and not relu:

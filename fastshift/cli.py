@@ -15,7 +15,7 @@ import time
 import torch
 
 from . import data as fsdata
-from . import spaces
+from . import distributed, spaces
 from .checkpoint import atomic_save, load_state_dict
 from .search import CHECKPOINT_NAME, search
 from .space import SearchSpace
@@ -87,6 +87,8 @@ def _add_data_args(p):
 def _device(args):
     if args.device:
         return torch.device(args.device)
+    if torch.cuda.is_available() and distributed.active():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -111,8 +113,10 @@ def cmd_train_supernet(args):
         progress=not args.no_progress,
     )
     out = os.path.join(args.out, "supernet.pt")
-    atomic_save({"state_dict": net.state_dict(), "space": space.config()}, out)
-    print(json.dumps({**stats, "supernet": out}, indent=2))
+    if distributed.is_main():
+        atomic_save({"state_dict": net.state_dict(), "space": space.config()}, out)
+        print(json.dumps({**stats, "supernet": out, "world_size": distributed.world_size()},
+                         indent=2))
 
 
 def _search_kwargs(args) -> dict:
@@ -177,8 +181,9 @@ def cmd_search(args):
         train_supernet(net, train, iterations=DEMO["train_iterations"],
                        batch_size=DEMO["train_batch_size"], lr=DEMO["train_lr"],
                        seed=args.seed or 0, device=device, progress=not args.no_progress)
-        atomic_save({"state_dict": net.state_dict(), "space": space.config()},
-                    os.path.join(args.out, "supernet_pretrained.pt"))
+        if distributed.is_main():
+            atomic_save({"state_dict": net.state_dict(), "space": space.config()},
+                        os.path.join(args.out, "supernet_pretrained.pt"))
         kw = {**DEMO["search"], **_search_kwargs(args)}
         print("demo: Supernet Shifting search", flush=True)
     else:
@@ -202,7 +207,8 @@ def cmd_search(args):
         resume = args.out
     t0 = time.perf_counter()
     result = search(net, train, val, device=device, checkpoint_dir=args.out, resume=resume,
-                    log_path=log_path, progress=not args.no_progress, **kw)
+                    log_path=log_path, keep_supernets=args.keep_supernets,
+                    progress=not args.no_progress, **kw)
     summary = result.to_json()
     summary["flops"] = space.flops(result.best_arch, net.num_classes)
     summary["params"] = space.params(result.best_arch, net.num_classes)
@@ -213,6 +219,9 @@ def cmd_search(args):
             pred = sub(x.to(device)).argmax(1).cpu()
         summary["test_error_inherited_weights"] = float((pred != y).float().mean())
     summary["wall_seconds"] = time.perf_counter() - t0
+    summary["world_size"] = distributed.world_size()
+    if not distributed.is_main():  # rank 0 writes and reports
+        return
     atomic_save({"state_dict": result.supernet.state_dict(), "space": space.config()},
                 os.path.join(args.out, "supernet_shifted.pt"))
     _write_json(os.path.join(args.out, "result.json"), summary)
@@ -273,38 +282,6 @@ def cmd_export(args):
     print(f"wrote {args.out}")
 
 
-def _read_ground_truth(path, space):
-    """(archs, accuracies) from a CSV (columns ``arch`` and ``accuracy``; arch as ``0-1-2-3``,
-    ``0,1,2,3`` or ``(0, 1, 2, 3)``) or a JSON list of ``{"arch": [...], "accuracy": x}``."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"ground-truth file not found: {path}")
-    if path.endswith(".json"):
-        with open(path) as f:
-            rows = json.load(f)
-        if not isinstance(rows, list):
-            raise CliError(f"{path}: expected a JSON list of {{\"arch\": ..., \"accuracy\": ...}}")
-    else:
-        import csv
-
-        with open(path, newline="") as f:
-            rows = list(csv.DictReader(f))
-    archs, accs = [], []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict) or "arch" not in row or "accuracy" not in row:
-            raise CliError(f"{path}: row {i} needs the fields 'arch' and 'accuracy'")
-        genes = row["arch"]
-        if isinstance(genes, str):
-            genes = _parse_genes(genes.replace("-", ","), f"{path}: row {i}: arch")
-        try:
-            archs.append(space.validate(genes))
-        except ValueError as exc:
-            raise CliError(f"{path}: row {i}: {exc}") from None
-        accs.append(float(row["accuracy"]))
-    if len(archs) < 2:
-        raise CliError(f"{path}: needs at least 2 architectures, got {len(archs)}")
-    return archs, accs
-
-
 def _plot(path, scores, accs, result, top):
     import matplotlib
 
@@ -329,54 +306,85 @@ def _plot(path, scores, accs, result, top):
     plt.close(fig)
 
 
+def _plot_generations(path, gens, results):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    ax.plot(gens, [r["global_tau"] for r in results], "o-", c="0.4", label="global tau")
+    ax.plot(gens, [r["local_tau"] for r in results], "o-", c="tab:red",
+            label=f"local tau (best {results[0]['top']:.0%})")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("Kendall tau vs ground truth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def _checkpoint_generation(path, position):
+    obj = _read(path)
+    if isinstance(obj, dict) and isinstance(obj.get("generation"), int):
+        return obj["generation"]
+    return position
+
+
 def cmd_evaluate(args):
-    """Rank the ground-truth file's architectures with the supernet (SPOS: BN recalibration,
+    """Rank the ground-truth file's architectures with each supernet (SPOS: BN recalibration,
     frozen weights) and report the order preservation; JSON + PNG in --out."""
-    from .analysis import order_preserving
-    from .data import BatchStream, EvalSet
-    from .shifting import FitnessConfig, Shifter
+    from .analysis import load_ground_truth, order_preserving
+    from .shifting import score_architectures
 
     _default_space(args)
     device = _device(args)
-    space = _space_from_checkpoint(args.supernet) if not args.space_config else None
+    space = _space_from_checkpoint(args.supernet[0]) if not args.space_config else None
     if space is None:
         space = _space(args)
-    archs, accs = _read_ground_truth(args.ground_truth, space)
+    truth = load_ground_truth(args.ground_truth, space)
+    archs, accs = truth.archs, truth.accuracy.tolist()
     train, val, _, num_classes = _data(args)
-    net = _load_supernet(args.supernet, space, num_classes).to(device)
-    cfg = FitnessConfig(shifting=False, train_steps=args.recalib_steps,
-                        train_batch_size=args.recalib_batch_size, val_batches=args.val_batches,
-                        val_batch_size=args.val_batch_size)
-    shifter = Shifter(net, BatchStream(train, cfg.train_batch_size, seed=args.seed, device=device),
-                      EvalSet.balanced(val, cfg.val_batches, cfg.val_batch_size, device=device),
-                      cfg)
-    scores = []
-    iterator = range(len(archs))
-    if not args.no_progress:
-        from tqdm import tqdm
-
-        iterator = tqdm(iterator, desc="evaluate", unit="arch")
-    for i in iterator:
-        scores.append(1.0 - shifter.evaluate(archs[i], seed=args.seed + i)["top1_err"])
-    results = {f"top{top:g}": order_preserving(scores, accs, top=top).to_dict()
-               for top in args.tops}
+    plot_top = 0.2 if 0.2 in args.tops else args.tops[0]
+    runs = []
+    for position, path in enumerate(args.supernet):
+        net = _load_supernet(path, space, num_classes).to(device)
+        scores = score_architectures(
+            net, archs, train, val, recalib_steps=args.recalib_steps,
+            recalib_batch_size=args.recalib_batch_size, val_batches=args.val_batches,
+            val_batch_size=args.val_batch_size, seed=args.seed,
+            batch_subnets=args.batch_subnets, device=device, progress=not args.no_progress)
+        results = {f"top{top:g}": order_preserving(scores, accs, top=top).to_dict()
+                   for top in args.tops}
+        runs.append({"supernet": path, "generation": _checkpoint_generation(path, position),
+                     "results": results, "scores": scores})
+        for name, r in results.items():
+            print(f"{path} {name}: n={r['n']} global tau {r['global_tau']:.3f} rho "
+                  f"{r['global_rho']:.3f} | local ({r['n_local']}) tau {r['local_tau']:.3f} rho "
+                  f"{r['local_rho']:.3f} | top-{r['k']} precision {r['topk_precision']:.2f}")
+    last = runs[-1]
     os.makedirs(args.out, exist_ok=True)
-    out = {"supernet": args.supernet, "ground_truth": args.ground_truth,
-           "recalibration": {"steps": cfg.train_steps, "batch_size": cfg.train_batch_size},
-           "validation": {"batches": cfg.val_batches, "batch_size": cfg.val_batch_size},
-           "results": results,
+    out = {"supernet": last["supernet"], "ground_truth": args.ground_truth,
+           "recalibration": {"steps": args.recalib_steps, "batch_size": args.recalib_batch_size},
+           "validation": {"batches": args.val_batches, "batch_size": args.val_batch_size},
+           "results": last["results"],
            "architectures": [{"arch": list(a), "accuracy": acc, "supernet_accuracy": sc}
-                             for a, acc, sc in zip(archs, accs, scores)]}
+                             for a, acc, sc in zip(archs, accs, last["scores"])]}
+    if len(runs) > 1:
+        out["per_checkpoint"] = [{k: r[k] for k in ("supernet", "generation", "results")}
+                                 for r in runs]
     json_path = os.path.join(args.out, "evaluate.json")
     _write_json(json_path, out)
-    plot_top = 0.2 if 0.2 in args.tops else args.tops[0]
     png_path = os.path.join(args.out, "evaluate.png")
-    _plot(png_path, scores, accs, order_preserving(scores, accs, top=plot_top), plot_top)
-    for name, r in results.items():
-        print(f"{name}: n={r['n']} global tau {r['global_tau']:.3f} rho {r['global_rho']:.3f} | "
-              f"local ({r['n_local']}) tau {r['local_tau']:.3f} rho {r['local_rho']:.3f} | "
-              f"top-{r['k']} precision {r['topk_precision']:.2f}")
-    print(f"wrote {json_path}, {png_path}")
+    _plot(png_path, last["scores"], accs, order_preserving(last["scores"], accs, top=plot_top),
+          plot_top)
+    written = [json_path, png_path]
+    if len(runs) > 1:
+        gen_path = os.path.join(args.out, "evaluate_generations.png")
+        _plot_generations(gen_path, [r["generation"] for r in runs],
+                          [r["results"][f"top{plot_top:g}"] for r in runs])
+        written.append(gen_path)
+    print("wrote " + ", ".join(written))
 
 
 def cmd_info(args):
@@ -415,6 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auto-resume", action="store_true",
                    help="resume from OUT when it holds a checkpoint")
     p.add_argument("--config", help="JSON file of search() keyword arguments")
+    p.add_argument("--keep-supernets", action="store_true",
+                   help="keep the supernet of every generation (OUT/supernet_genNNN.pt) for "
+                   "`fastshift evaluate`")
     p.add_argument("--no-shifting", action="store_true", help="SPOS search (frozen weights)")
     p.add_argument("--update", choices=["step", "candidate", "generation"])
     p.add_argument("--num-classes", type=int, help="transfer: fresh head with this many classes")
@@ -440,9 +451,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("evaluate", help="order preservation of a supernet against a "
                        "ground-truth file (Kendall tau / Spearman, global and local)")
     _add_data_args(p)
-    p.add_argument("--supernet", required=True, help="supernet checkpoint")
+    p.add_argument("--supernet", required=True, nargs="+",
+                   help="supernet checkpoint(s); several (e.g. the supernet_gen*.pt of "
+                   "`fastshift search --keep-supernets`) also give a tau-per-generation plot")
     p.add_argument("--ground-truth", required=True,
-                   help="CSV (columns arch, accuracy) or JSON list of {arch, accuracy}")
+                   help="CSV (columns arch, accuracy), JSON list of {arch, accuracy}, or a "
+                   "built-in table: digits, digits5-9")
     p.add_argument("--tops", type=float, nargs="+", default=[0.1, 0.2, 0.5],
                    help="local regions: best fractions by ground truth")
     p.add_argument("--recalib-steps", type=int, default=200,
@@ -450,6 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recalib-batch-size", type=int, default=128)
     p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--val-batch-size", type=int, default=250)
+    p.add_argument("--batch-subnets", type=int, default=16,
+                   help="architectures scored together (batched engine); 1 = one at a time")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="runs/evaluate", help="output folder (JSON and PNG)")
     p.set_defaults(func=cmd_evaluate)
@@ -462,11 +478,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    joined = False
     try:
+        if args.command in ("train-supernet", "search"):  # torchrun: join the process group
+            joined = distributed.init_from_env()
         args.func(args)
     except (CliError, ValueError, FileNotFoundError, FloatingPointError) as exc:
         print(f"fastshift {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except distributed.DistributedError as exc:
+        print(f"fastshift {args.command}: error: {exc}", file=sys.stderr)
+        return 3
+    finally:
+        if joined and distributed.active():
+            import torch.distributed as tdist
+
+            tdist.destroy_process_group()
     return 0
 
 

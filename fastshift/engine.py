@@ -141,6 +141,22 @@ class PathStats:
         return get
 
     @torch.no_grad()
+    def export(self) -> list:
+        """``[(name, prefix, mean, var)]`` on the CPU, in insertion order (to gather the
+        statistics of several ranks)."""
+        return [(name, prefix, m.detach().cpu(), v.detach().cpu())
+                for (name, prefix), (m, v) in self.rows.items()]
+
+    def merge(self, parts: list) -> None:
+        """Add the rows of other ranks' ``export()`` (the first row of a (module, prefix) pair
+        wins: ranks that computed the same prefix on the same batch hold the same values)."""
+        for part in parts:
+            for name, prefix, m, v in part:
+                key = (name, tuple(prefix))
+                if key not in self.rows:
+                    buf = self.modules[name].running_mean
+                    self.rows[key] = (m.to(buf.device, buf.dtype), v.to(buf.device, buf.dtype))
+
     def write_back(self):
         """Module buffers := mean over the prefixes that used each BN module (untouched
         modules keep theirs)."""

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save, check_state_dict
 from .data import BatchStream, EvalSet
 from .evolution import EvolutionSearcher
@@ -97,6 +98,8 @@ def search(
     checkpoint_dir: str | os.PathLike | None = None,
     resume: str | os.PathLike | None = None,
     log_path: str | os.PathLike | None = None,
+    keep_supernets: bool = False,
+    on_generation=None,
     progress: bool = True,
 ) -> SearchResult:
     """Evolutionary search ranked by the supernet; with ``shifting=True`` every candidate's
@@ -132,6 +135,13 @@ def search(
         resume: a checkpoint folder (or file) to continue from; the arguments must match the
             checkpointed run. Checkpoints then go on in ``checkpoint_dir`` (default: there).
         log_path: JSONL file, one line per evaluation.
+        keep_supernets: also keep the supernet of every generation, after its candidates were
+            evaluated, as ``checkpoint_dir/supernet_gen{G:03d}.pt`` (``{"state_dict", "space",
+            "generation"}``, atomic): the input of ``fastshift evaluate`` for ranking quality
+            per generation. Needs ``checkpoint_dir``.
+        on_generation: ``callable(generation, net, history)`` called after each generation is
+            ranked (and checkpointed), e.g. to measure ranking quality as the supernet shifts.
+            It must not change ``net``'s weights or buffers (work on a copy).
         progress: a tqdm progress bar.
     """
     t_start = time.perf_counter()
@@ -165,6 +175,8 @@ def search(
     }
     if not isinstance(batch_subnets, int) or batch_subnets < 1:
         raise ValueError(f"batch_subnets must be a positive int, got {batch_subnets!r}")
+    if keep_supernets and checkpoint_dir is None and resume is None:
+        raise ValueError("keep_supernets=True needs checkpoint_dir (where the files go)")
     # Constraints are checked (and impossible ones rejected) before any data is touched.
     searcher = EvolutionSearcher(
         space, population=population, top_k=top_k, mutations=mutations,
@@ -198,9 +210,11 @@ def search(
         net.reset_classifier(num_classes, torch.Generator().manual_seed(_derive_seed(seed, -1)))
     net.to(device)
 
-    train_stream = BatchStream(train_data, fitness.train_batch_size, seed=seed, device=device)
+    dtype = next(net.parameters()).dtype  # images follow the supernet's float dtype
+    train_stream = BatchStream(train_data, fitness.train_batch_size, seed=seed, device=device,
+                               dtype=dtype)
     val_set = EvalSet.balanced(val_data, fitness.val_batches, fitness.val_batch_size,
-                               seed=seed, device=device)
+                               seed=seed, device=device, dtype=dtype)
     if val_set.max_label() >= net.num_classes:
         raise ValueError(
             f"validation labels go up to {val_set.max_label()} but the classifier has "
@@ -217,7 +231,7 @@ def search(
         history = list(checkpoint["history"])
 
     log_file = None
-    if log_path is not None:
+    if log_path is not None and dist.is_main():
         os.makedirs(os.path.dirname(os.path.abspath(log_path)) or ".", exist_ok=True)
         log_file = open(log_path, "w")  # rewritten from the history on resume: no torn tail
         for rec in history:
@@ -226,7 +240,7 @@ def search(
 
     total = (generations + 1) * population
     bar = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=total, initial=len(history), desc="search", unit="cand",
@@ -263,7 +277,7 @@ def search(
                     _record(arch, fit)
             shifter.end_generation()
             searcher.rank(candidates)
-            if checkpoint_dir is not None:
+            if checkpoint_dir is not None and dist.is_main():  # rank 0 writes, atomically
                 atomic_save(
                     {
                         "format": "fastshift-search",
@@ -277,6 +291,14 @@ def search(
                     },
                     os.path.join(os.fspath(checkpoint_dir), CHECKPOINT_NAME),
                 )
+                if keep_supernets:
+                    done = searcher.generation - 1
+                    atomic_save({"state_dict": net.state_dict(), "space": space.config(),
+                                 "generation": done},
+                                os.path.join(os.fspath(checkpoint_dir),
+                                             f"supernet_gen{done:03d}.pt"))
+            if on_generation is not None:
+                on_generation(searcher.generation - 1, net, history)
     finally:
         if bar is not None:
             bar.close()

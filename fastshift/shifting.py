@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import distributed as dist
 from .data import BatchStream, EvalSet
 from .engine import PathStats, plan_chunks
 from .space import Arch
 
-__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "seeded_rng", "UPDATE_MODES",
-           "ZERO_GRAD_MODES"]
+__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "seeded_rng", "score_architectures",
+           "UPDATE_MODES", "ZERO_GRAD_MODES"]
 
 UPDATE_MODES = ("step", "candidate", "generation")
 ZERO_GRAD_MODES = ("none", "zeros")
@@ -167,6 +168,26 @@ class Shifter:
     def _zero_grad(self):
         self.optimizer.zero_grad(set_to_none=self.config.zero_grad == "none")
 
+    def _path_loss(self, x, y, arch):
+        """(loss to back-propagate, full-batch loss value). With several ranks each takes its
+        share of the rows, BN statistics are synchronized and the loss is its rows' share of
+        the full-batch mean (the gradients are summed over ranks in ``_step``)."""
+        if not dist.active():
+            loss = self._loss(self.net(x, arch), y)
+            return loss, float(loss.detach())
+        rows = dist.shard(x.shape[0])
+        logits = self.net(x[rows], arch, batch_norm=dist.sync_batch_norm,
+                          rows=(rows.start, x.shape[0]))
+        loss = F.cross_entropy(logits, y[rows], label_smoothing=self.config.label_smoothing,
+                               reduction="sum") / x.shape[0]
+        return loss, float(dist.all_sum(loss.detach().reshape(1).clone(), "loss"))
+
+    def _step(self):
+        """One optimizer step on the gradients summed over ranks."""
+        dist.all_reduce_grads(self.net.parameters())
+        self.optimizer.step()
+        self.version += 1
+
     def _train(self, arch: Arch) -> float:
         cfg = self.config
         net = self.net
@@ -176,18 +197,16 @@ class Shifter:
             self._zero_grad()
         for step in range(cfg.train_steps):
             x, y = self.stream.next()
-            loss = self._loss(net(x, arch), y)
-            total += self._check_finite(float(loss.detach()), arch, step)
+            loss, value = self._path_loss(x, y, arch)
+            total += self._check_finite(value, arch, step)
             if cfg.update == "step":
                 self._zero_grad()
                 loss.backward()
-                self.optimizer.step()
-                self.version += 1
+                self._step()
             else:
                 (loss / cfg.train_steps).backward()
         if cfg.update == "candidate":
-            self.optimizer.step()
-            self.version += 1
+            self._step()
         elif cfg.update == "generation":
             self._pending += 1
         return total / cfg.train_steps
@@ -200,7 +219,11 @@ class Shifter:
         self.net.train()
         for _ in range(self.config.train_steps):
             x, _ = self.stream.next()
-            self.net(x, arch)
+            if dist.active():
+                rows = dist.shard(x.shape[0])
+                self.net(x[rows], arch, batch_norm=dist.sync_batch_norm)
+            else:
+                self.net(x, arch)
 
     @torch.no_grad()
     def error(self, arch: Arch) -> tuple[float, float]:
@@ -208,6 +231,9 @@ class Shifter:
         self.net.eval()
         top1 = top5 = total = 0
         for x, y in self.val_set.batches:
+            if dist.active():  # each rank scores its share of the rows; hits are summed
+                rows = dist.shard(x.shape[0])
+                x, y = x[rows], y[rows]
             logits = self.net(x, arch)
             k = min(5, logits.shape[1])
             pred = logits.topk(k, dim=1).indices
@@ -215,6 +241,9 @@ class Shifter:
             top1 += int(hit[:, 0].sum())
             top5 += int(hit.any(dim=1).sum())
             total += y.shape[0]
+        if dist.active():
+            top1, top5, total = dist.all_sum(torch.tensor([top1, top5, total]),
+                                             "validation counts").tolist()
         return 1.0 - top1 / total, 1.0 - top5 / total
 
     def evaluate(self, arch: Arch, *, seed: int) -> dict:
@@ -266,57 +295,68 @@ class Shifter:
         net = self.net
         archs = [tuple(a) for a in archs]
         k = len(archs)
+        # With several ranks each takes a contiguous part of the K candidates (all ranks see
+        # the same batches); gradients are summed over ranks, fitnesses gathered.
+        offset, mine = dist.split(list(range(k)))
+        mine_archs = [archs[i] for i in mine]
         t0 = time.perf_counter()
         stats = PathStats(net, reset=not cfg.shifting)
-        losses = [0.0] * k
+        losses = {i: 0.0 for i in mine}
         with seeded_rng(net, seed):
             net.train()
             if cfg.shifting and cfg.update == "candidate":
                 self._zero_grad()
             for step in range(cfg.train_steps):
                 x, y = self.stream.next()
-                chunks = plan_chunks(archs, x.shape[0], max_rows)
+                chunks = plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs else []
                 if not cfg.shifting:
                     with torch.no_grad():
                         for chunk in chunks:
-                            net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                            net.forward_many(x, [mine_archs[i] for i in chunk], stats=stats)
                     continue
                 if cfg.update == "step":
                     self._zero_grad()
                 for chunk in chunks:
-                    logits = net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                    logits = net.forward_many(x, [mine_archs[i] for i in chunk], stats=stats)
                     per = F.cross_entropy(logits.flatten(0, 1), y.repeat(len(chunk)),
                                           label_smoothing=cfg.label_smoothing,
                                           reduction="none").view(len(chunk), -1).mean(1)
                     for i, value in zip(chunk, per.detach().tolist()):
-                        losses[i] += self._check_finite(value, archs[i], step)
+                        losses[mine[i]] += self._check_finite(value, archs[mine[i]], step)
                     scale = 1.0 if cfg.update == "step" else 1.0 / cfg.train_steps
                     (per.sum() * scale).backward()
                 if cfg.update == "step":
-                    self.optimizer.step()
-                    self.version += 1
+                    self._step()
             if cfg.shifting and cfg.update == "candidate":
-                self.optimizer.step()
-                self.version += 1
+                self._step()
             elif cfg.shifting and cfg.update == "generation":
                 self._pending += k
         t1 = time.perf_counter()
         net.eval()
-        top1 = [0] * k
-        top5 = [0] * k
+        top1 = {i: 0 for i in mine}
+        top5 = {i: 0 for i in mine}
         total = 0
         with torch.no_grad():
             for x, y in self.val_set.batches:
-                for chunk in plan_chunks(archs, x.shape[0], max_rows):
-                    logits = net.forward_many(x, [archs[i] for i in chunk], stats=stats)
+                for chunk in (plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs
+                              else []):
+                    logits = net.forward_many(x, [mine_archs[i] for i in chunk], stats=stats)
                     kk = min(5, logits.shape[-1])
                     hit = logits.topk(kk, dim=-1).indices == y[None, :, None]
                     for i, h1, h5 in zip(chunk, hit[..., 0].sum(1).tolist(),
                                          hit.any(-1).sum(1).tolist()):
-                        top1[i] += h1
-                        top5[i] += h5
+                        top1[mine[i]] += h1
+                        top5[mine[i]] += h5
                 total += y.shape[0]
+        if dist.active():
+            parts = dist.all_gather_objects((losses, top1, top5))
+            for part_losses, part_top1, part_top5 in parts:
+                losses.update(part_losses)
+                top1.update(part_top1)
+                top5.update(part_top5)
         if cfg.shifting:
+            if dist.active():
+                stats.merge(dist.all_gather_objects(stats.export()))
             stats.write_back()
         t2 = time.perf_counter()
         return [
@@ -339,7 +379,61 @@ class Shifter:
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.div_(self._pending)
-            self.optimizer.step()
+            self._step()
             self._zero_grad()
-            self.version += 1
             self._pending = 0
+
+
+def score_architectures(net, archs, train_data, val_data, *, recalib_steps: int = 200,
+                        recalib_batch_size: int = 128, val_batches: int = 25,
+                        val_batch_size: int = 500, seed: int = 0, batch_subnets: int = 1,
+                        max_rows: int | None = None, device=None,
+                        progress: bool = False) -> list[float]:
+    """Top-1 accuracy of every arch of ``archs`` as ranked by ``net`` with SPOS evaluation:
+    frozen weights, each path's BN statistics reset and recomputed on ``recalib_steps``
+    training batches, then the fixed class-balanced validation subset of ``val_batches *
+    val_batch_size`` images (``EvalSet.balanced``); images are cast to the supernet's dtype.
+    The supernet's weights and BN statistics are left as they were.
+
+    Every architecture is recalibrated on the same ``recalib_steps`` batches (the first of a
+    stream seeded by ``seed``), so scores differ only through the architectures.
+    ``batch_subnets`` K > 1 scores K architectures at a time (``Shifter.evaluate_many``, the
+    batched engine); K = 1 runs ``Shifter.evaluate`` per architecture; both give the same
+    scores. Returns one accuracy per arch, in order.
+    """
+    device = next(net.parameters()).device if device is None else torch.device(device)
+    cfg = FitnessConfig(shifting=False, train_steps=recalib_steps,
+                        train_batch_size=recalib_batch_size, val_batches=val_batches,
+                        val_batch_size=val_batch_size)
+    if not isinstance(batch_subnets, int) or batch_subnets < 1:
+        raise ValueError(f"batch_subnets must be a positive int, got {batch_subnets!r}")
+    archs = [net.space.validate(a) for a in archs]
+    dtype = next(net.parameters()).dtype
+    shifter = Shifter(net, BatchStream(train_data, recalib_batch_size, seed=seed, device=device,
+                                       dtype=dtype),
+                      EvalSet.balanced(val_data, val_batches, val_batch_size, seed=seed,
+                                       device=device, dtype=dtype), cfg)
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(archs), desc="score", unit="arch", dynamic_ncols=True)
+    scores: list[float] = []
+    was_training = net.training
+    try:
+        first_batches = shifter.stream.state_dict()
+        for start in range(0, len(archs), batch_subnets):
+            group = archs[start:start + batch_subnets]
+            shifter.stream.load_state_dict(first_batches)  # every arch: the same batches
+            if batch_subnets == 1:
+                fits = [shifter.evaluate(group[0], seed=seed + start)]
+            else:
+                fits = shifter.evaluate_many(group, seed=seed + start, max_rows=max_rows)
+            scores.extend(1.0 - f["top1_err"] for f in fits)
+            if bar is not None:
+                bar.update(len(group))
+    finally:
+        if bar is not None:
+            bar.close()
+        net.train(was_training)
+    return scores

@@ -17,7 +17,7 @@ import copy
 import torch
 from torch import nn
 
-from .blocks import build_block, module_stats, run_fused, uses_fused
+from .blocks import build_block, module_stats, run_fused, run_sequential, uses_fused
 from .checkpoint import check_state_dict, normalize_state_dict
 from .engine import PathStats, forward_many
 from .space import Arch, SearchSpace
@@ -48,13 +48,23 @@ def _head(in_features: int, num_classes: int) -> nn.Sequential:
 class _Classify(nn.Module):
     """Shared tail of Supernet and Subnet: conv_last, global pool, dropout, classifier."""
 
-    def _classify(self, x: torch.Tensor) -> torch.Tensor:
-        if uses_fused(self.backend, x):
+    def _classify(self, x: torch.Tensor, batch_norm=None, rows=None) -> torch.Tensor:
+        if batch_norm is not None:
+            x = run_sequential(self.conv_last, x, batch_norm)
+        elif uses_fused(self.backend, x):
             x = run_fused(self.conv_last, x, module_stats, self.training, self.backend)
         else:
             x = self.conv_last(x)
         x = x.mean((2, 3))
-        x = self.dropout(x)
+        p = self.dropout.p
+        if rows is not None and self.training and p > 0:
+            # rows (start, total): x holds rows start.. of a batch of `total`; the mask is drawn
+            # for the whole batch and sliced (on CPU identical to dropout on the whole batch)
+            start, total = rows
+            mask = torch.empty((total, x.shape[1]), dtype=x.dtype, device=x.device)
+            x = x * mask.bernoulli_(1.0 - p)[start:start + x.shape[0]] / (1.0 - p)
+        else:
+            x = self.dropout(x)
         return self.classifier(x)
 
     @property
@@ -119,14 +129,25 @@ class Supernet(_Classify):
                 elif isinstance(m, nn.Linear):
                     m.weight.normal_(0.0, 0.01, generator=generator)
 
-    def forward(self, x: torch.Tensor, arch) -> torch.Tensor:
-        """One path: ``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``."""
+    def forward(self, x: torch.Tensor, arch, *, batch_norm=None, rows=None) -> torch.Tensor:
+        """One path: ``x [B, in_channels, H, W]`` -> logits ``[B, num_classes]``.
+
+        ``batch_norm``: a ``batch_norm(module, x)`` callback that replaces every BatchNorm of
+        the path (e.g. ``fastshift.distributed.sync_batch_norm``); the path then runs on the
+        plain-PyTorch modules. ``rows=(start, total)``: x is rows ``start..`` of a batch of
+        ``total`` rows and the dropout mask is that of the whole batch (sharded training).
+        """
         arch = self.space.validate(arch)
         self._check_input(x)
-        x = self.first_conv(x)
-        for choices, gene in zip(self.features, arch):
-            x = choices[gene](x)
-        return self._classify(x)
+        if batch_norm is None:
+            x = self.first_conv(x)
+            for choices, gene in zip(self.features, arch):
+                x = choices[gene](x)
+        else:
+            x = run_sequential(self.first_conv, x, batch_norm)
+            for choices, gene in zip(self.features, arch):
+                x = choices[gene].forward_grouped(x, batch_norm)
+        return self._classify(x, batch_norm, rows)
 
     def forward_many(self, x: torch.Tensor, archs, *, stats: PathStats | None = None,
                      max_rows: int | None = None, plans: list | None = None) -> torch.Tensor:

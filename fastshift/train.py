@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save
 from .data import BatchStream
 from .shifting import make_optimizer, seeded_rng
@@ -83,7 +84,8 @@ def train_supernet(
         raise ValueError(f"iterations must be positive, got {iterations}")
     device = next(net.parameters()).device if device is None else torch.device(device)
     net.to(device)
-    stream = BatchStream(train_data, batch_size, seed=seed, device=device)
+    stream = BatchStream(train_data, batch_size, seed=seed, device=device,
+                         dtype=next(net.parameters()).dtype)
     optimizer = make_optimizer(net, lr, momentum, weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: max(0.0, 1.0 - step / iterations)
@@ -107,6 +109,8 @@ def train_supernet(
         losses = list(state["losses"])
 
     def save(done):
+        if not dist.is_main():  # rank 0 writes; every rank holds the same state
+            return
         atomic_save({"format": "fastshift-train", "version": FORMAT_VERSION,
                      "iterations": iterations, "done": done, "supernet": net.state_dict(),
                      "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
@@ -114,7 +118,7 @@ def train_supernet(
                      "losses": losses[-100:]}, ckpt_path)
 
     bar = None
-    if progress:
+    if progress and dist.is_main():
         from tqdm.auto import tqdm
 
         bar = tqdm(total=iterations, initial=start, desc="train supernet", unit="it",
@@ -126,8 +130,16 @@ def train_supernet(
             arch = sample_path(net.space, rng, flops_bins, net.num_classes)
             x, y = stream.next()
             with seeded_rng(net, seed * 1_000_003 + it):
-                loss = F.cross_entropy(net(x, arch), y, label_smoothing=label_smoothing)
-            value = float(loss.detach())
+                if dist.active():  # this rank's rows, synchronized BN, share of the mean
+                    rows = dist.shard(x.shape[0])
+                    logits = net(x[rows], arch, batch_norm=dist.sync_batch_norm,
+                                 rows=(rows.start, x.shape[0]))
+                    loss = F.cross_entropy(logits, y[rows], label_smoothing=label_smoothing,
+                                           reduction="sum") / x.shape[0]
+                    value = float(dist.all_sum(loss.detach().reshape(1).clone(), "loss"))
+                else:
+                    loss = F.cross_entropy(net(x, arch), y, label_smoothing=label_smoothing)
+                    value = float(loss.detach())
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"training loss is {value} at iteration {it} (path {arch}): lower lr or "
@@ -135,6 +147,7 @@ def train_supernet(
                 )
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            dist.all_reduce_grads(net.parameters())
             optimizer.step()
             schedule.step()
             losses.append(value)
