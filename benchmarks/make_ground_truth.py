@@ -29,6 +29,10 @@ Output: a CSV with one row per architecture, ``arch`` (``0-1-2-3``), ``accuracy`
 accuracy over seeds: the ground truth), ``accuracy_std``, ``val_accuracy``, ``val_accuracy_std``,
 ``flops``, ``params`` and ``seed_accuracies``; and ``<out>.json`` with the protocol, timing and
 environment. Deterministic for a given torch build and thread count.
+
+    python benchmarks/make_ground_truth.py --summarize fastshift/resources/digits_ground_truth.csv
+
+prints how reliable a table is (seed-to-seed Kendall tau of the architectures' accuracies).
 """
 
 from __future__ import annotations
@@ -264,10 +268,39 @@ def train_seed(space, num_classes, archs, data, seed, args):
     return np.asarray(accs)  # [M, 2]: val, test
 
 
+def summarize(path: str) -> dict:
+    """Reliability of a built table: can its seeds tell the architectures apart? Kendall tau
+    between the per-seed test accuracies of every pair of seeds (mean), and between the means
+    of the first and second half of the seeds (split-half); with the per-seed noise and the
+    spread of the architectures' means, and the tau of FLOPs / params with accuracy."""
+    from fastshift.analysis import kendall_tau, load_ground_truth
+
+    truth = load_ground_truth(path)
+    with open(path, newline="") as f:
+        seeds = np.array([[float(v) for v in row["seed_accuracies"].split()]
+                          for row in csv.DictReader(f)])
+    s = seeds.shape[1]
+    pairs = [kendall_tau(seeds[:, i], seeds[:, j]) for i in range(s) for j in range(i + 1, s)]
+    half = s // 2
+    return {
+        "table": path, "architectures": len(truth), "seeds": s,
+        "mean_accuracy": float(seeds.mean()),
+        "min_max_mean_accuracy": [float(truth.accuracy.min()), float(truth.accuracy.max())],
+        "mean_seed_std": float(seeds.std(1, ddof=1).mean()),
+        "spread_of_means": float(truth.accuracy.std(ddof=1)),
+        "pairwise_seed_tau": float(np.mean(pairs)),
+        "split_half_tau": float(kendall_tau(seeds[:, :half].mean(1), seeds[:, half:].mean(1))),
+        "flops_tau": float(kendall_tau(truth.columns["flops"], truth.accuracy)),
+        "params_tau": float(kendall_tau(truth.columns["params"], truth.accuracy)),
+        "val_test_tau": float(kendall_tau(truth.columns["val_accuracy"], truth.accuracy)),
+    }
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--out", required=True, help="CSV path (a .json with the protocol is "
-                   "written next to it)")
+    p.add_argument("--summarize", metavar="CSV", help="only print the reliability summary of "
+                   "an existing table (see summarize())")
+    p.add_argument("--out", help="CSV path (a .json with the protocol is written next to it)")
     p.add_argument("--classes", type=int, nargs="+", default=None,
                    help="keep only these digits (relabelled 0..n-1), e.g. 5 6 7 8 9")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
@@ -280,6 +313,11 @@ def main(argv=None):
                    "(for a quick run)")
     p.add_argument("--no-check", action="store_true")
     args = p.parse_args(argv)
+    if args.summarize:
+        print(json.dumps(summarize(args.summarize), indent=1))
+        return
+    if not args.out:
+        p.error("--out is required")
 
     data = fastshift.data.digits(seed=0, classes=args.classes)
     num_classes = len(args.classes) if args.classes else 10

@@ -103,6 +103,15 @@ def test_two_ranks_equal_one_process(tmp_path, state, mode, dropout, k):
     assert len(one["history"]) == 18
     ckpt = torch.load(tmp_path / "two" / "ckpt" / "search_checkpoint.pt", weights_only=True)
     assert ckpt["history"] == ranks[0]["history"]
+    # the 2-rank checkpoint is the 1-process one (so any world size resumes it)
+    ref = torch.load(tmp_path / "one" / "ckpt" / "search_checkpoint.pt", weights_only=True)
+    assert ckpt["config"] == ref["config"]
+    a, b = ckpt["searcher"], ref["searcher"]
+    assert a["rng"] == b["rng"] and a["generation"] == b["generation"] and a["top"] == b["top"]
+    assert [(x, r["top1_err"]) for x, r in a["latest"]] == [(x, r["top1_err"])
+                                                            for x, r in b["latest"]]
+    _same_history(ckpt["history"], ref["history"])
+    _same_state(ckpt["supernet"], ref["supernet"])
 
 
 @pytest.mark.slow

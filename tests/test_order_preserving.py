@@ -154,7 +154,8 @@ def test_fused_module_path_cumulative_bn_momentum(digits_space):
     bn = ref.first_conv[1]
     assert int(bn.num_batches_tracked) == 3
     # cumulative average: the plain mean of the per-batch means
-    np.testing.assert_allclose(
-        bn.running_mean.numpy(),
-        np.mean([torch.nn.functional.conv2d(x, ref.first_conv[0].weight, padding=1)
-                 .mean((0, 2, 3)).numpy() for x in batches], axis=0), rtol=1e-9, atol=1e-12)
+    with torch.no_grad():
+        per_batch = [torch.nn.functional.conv2d(x, ref.first_conv[0].weight, padding=1)
+                     .mean((0, 2, 3)).numpy() for x in batches]
+    np.testing.assert_allclose(bn.running_mean.numpy(), np.mean(per_batch, axis=0), rtol=1e-9,
+                               atol=1e-12)
