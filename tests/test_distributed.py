@@ -43,9 +43,9 @@ def _job(kind, dropout, state, tmp, batch_subnets=1):
 
 
 def _worker(r, world, tmp, args):
-    os.environ["FASTSHIFT_DIST_TIMEOUT"] = "20"
+    os.environ["FASTSHIFT_DIST_TIMEOUT"] = "60"
     tdist.init_process_group("gloo", init_method=f"file://{tmp}/store", rank=r,
-                             world_size=world, timeout=datetime.timedelta(seconds=20))
+                             world_size=world, timeout=datetime.timedelta(seconds=60))
     try:
         if args.get("die") and r == 1:
             os._exit(1)  # a rank that dies before its first collective
