@@ -165,22 +165,27 @@ class StackedNetworks:
         """Network ``i`` as a plain Supernet (its path holds the trained weights)."""
         net = Supernet(self.space, self.template.num_classes, backend=backend)
         sd = net.state_dict()
-        arch = self.archs[i]
         for key, group in self.params.items():
-            if key == "stem":
-                prefix, row = "first_conv.", i
-            elif key == "tail":
-                prefix, row = "", i
-            else:
-                layer, choice = key
-                if arch[layer] != choice:
-                    continue
-                prefix = f"features.{layer}.{choice}."
-                row = int((self.members[key] == i).nonzero())
+            where = self.locate(i, key)
+            if where is None:
+                continue
+            prefix, row = where
             for name, value in group.items():
                 sd[prefix + name].copy_(value[row].detach())
         net.load_state_dict(sd)
         return net
+
+    def locate(self, i: int, key):
+        """``(supernet key prefix, row)`` of network ``i`` in the stacked block ``key``, or
+        None when network ``i`` does not use that block."""
+        if key == "stem":
+            return "first_conv.", i
+        if key == "tail":
+            return "", i
+        layer, choice = key
+        if self.archs[i][layer] != choice:
+            return None
+        return f"features.{layer}.{choice}.", int((self.members[key] == i).nonzero())
 
 
 def precise_bn_accuracy(net: Supernet, arch, train_x, evals):
@@ -219,17 +224,10 @@ def check(space, num_classes, data):
         stacked_grads = dict(zip(
             [(k, n) for k, grp in stacked.params.items() for n in grp], grads))
         for (key, name), gs in stacked_grads.items():
-            if key == "stem":
-                full, row = "first_conv." + name, i
-            elif key == "tail":
-                full, row = name, i
-            else:
-                layer, choice = key
-                if arch[layer] != choice:
-                    continue
-                full = f"features.{layer}.{choice}.{name}"
-                row = int((stacked.members[key] == i).nonzero())
-            torch.testing.assert_close(gs[row], named[full], rtol=1e-9, atol=1e-12)
+            where = stacked.locate(i, key)
+            if where is not None:
+                torch.testing.assert_close(gs[where[1]], named[where[0] + name], rtol=1e-9,
+                                           atol=1e-12)
     print("check: stacked float64 logits and gradients equal single networks", flush=True)
 
 
