@@ -1,7 +1,7 @@
 """Does Supernet Shifting improve the local ranking? Measured against the built-in ground truth
 (every architecture of the digits space trained from scratch, ``fastshift/resources``).
 
-    python benchmarks/order_preserving.py --seeds 0 1 2 --transfer --plots docs/img
+    python benchmarks/order_preserving.py --seeds 0 1 2 --plots docs/img
 
 For every seed:
 1. Pre-train a digits supernet by SPOS uniform single-path sampling on the train split.
@@ -16,7 +16,7 @@ For every seed:
    rank of the architecture each search returns (among all 256 and among those within the
    FLOPs limit). For the shifting searches the ranking is also measured after every
    generation (``search(on_generation=...)`` on a copy of the supernet).
-4. Transfer (``--transfer``): pre-train on digits 0-4, search on digits 5-9 with a fresh
+4. Transfer (``--part transfer``): pre-train on digits 0-4, search on digits 5-9 with a fresh
    5-class head trained through the search (``num_classes=5``); compare with a supernet
    pre-trained on 5-9 directly and searched the same way, by the ground-truth accuracy on 5-9
    (``digits5-9`` table) of the architectures they return and by their ranking of 5-9.
@@ -26,7 +26,7 @@ training steps of 150 per candidate, label smoothing 0.1, update every step) on 
 evolution (population 20, top 5, 10 mutations, 10 crossovers, 8 generations) because the
 space has 256 architectures; the SPOS search scores its candidates 10 at a time (batched
 engine, same per-candidate work). The ranking of all 256 is measured every ``--track-every``
-generations (and after the last). The FLOPs limit is the median FLOPs of the space. Nothing here is
+generation (and after the last; default every generation). The FLOPs limit is the median FLOPs of the space. Nothing here is
 tuned to the result. Output: one JSON with every number and, with ``--plots DIR``, PNGs.
 """
 
@@ -205,6 +205,18 @@ def plot(result, out_dir):
     plt.close(fig)
 
 
+def _write(result, path, t0):
+    result["seconds"] = time.perf_counter() - t0
+    result["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+                             "machine": platform.processor() or platform.machine(),
+                             "python": sys.version.split()[0]}
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(json.dumps(result["summary"], indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -217,9 +229,15 @@ def main(argv=None):
     p.add_argument("--batch-subnets", type=int, default=10)
     p.add_argument("--score-batch", type=int, default=32)
     p.add_argument("--shift-lr", type=float, default=1e-4, help="shifting lr (released 1e-4)")
-    p.add_argument("--track-every", type=int, default=2)
-    p.add_argument("--transfer", action="store_true")
+    p.add_argument("--track-every", type=int, default=1)
+    p.add_argument("--part", choices=["order", "transfer", "all"], default="all",
+                   help="order = steps 1-3, transfer = step 4 (separate runs write separate "
+                   "files: --out gets a _transfer suffix for the transfer part)")
     args = p.parse_args(argv)
+    if args.part == "all":
+        main([*(argv if argv is not None else sys.argv[1:]), "--part", "order"])
+        main([*(argv if argv is not None else sys.argv[1:]), "--part", "transfer"])
+        return
 
     space = fastshift.spaces.digits()
     truth = load_ground_truth("digits", space)
@@ -228,6 +246,19 @@ def main(argv=None):
     flops_limit = float(np.median(flops))
     feasible = flops <= flops_limit
     t0 = time.perf_counter()
+    if args.part == "transfer":
+        transfer = [run_transfer(s, args, flops_limit) for s in args.seeds]
+        result = {"args": vars(args), "flops_limit": flops_limit, "seeds": transfer,
+                  "ground_truth": load_ground_truth("digits5-9").meta, "summary": {
+            name: {"found_gt_accuracy": summarize(transfer, [name, "found", "gt_accuracy"]),
+                   "found_gt_rank": summarize(transfer, [name, "found", "gt_rank"]),
+                   "found_gt_rank_feasible": summarize(transfer,
+                                                       [name, "found", "gt_rank_feasible"]),
+                   "global_tau": summarize(transfer, [name, "final", "top0.2", "global_tau"]),
+                   "local_tau@0.2": summarize(transfer, [name, "final", "top0.2", "local_tau"])}
+            for name in ("transfer_0-4_to_5-9", "direct_5-9")}}
+        _write(result, os.path.splitext(args.out)[0] + "_transfer.json", t0)
+        return
     runs = [run_seed(s, truth, data, args, flops_limit, feasible) for s in args.seeds]
     result = {
         "args": vars(args), "flops_limit": flops_limit, "ground_truth": truth.meta,
@@ -245,25 +276,9 @@ def main(argv=None):
             "found_gt_accuracy": summarize(runs, [mode, "found", "gt_accuracy"]),
         } for mode in ("spos", "paper", "batched")},
     }
-    if args.transfer:
-        transfer = [run_transfer(s, args, flops_limit) for s in args.seeds]
-        result["transfer"] = {"seeds": transfer, "summary": {
-            name: {"found_gt_accuracy": summarize(transfer, [name, "found", "gt_accuracy"]),
-                   "found_gt_rank": summarize(transfer, [name, "found", "gt_rank"]),
-                   "global_tau": summarize(transfer, [name, "final", "top0.2", "global_tau"]),
-                   "local_tau@0.2": summarize(transfer, [name, "final", "top0.2", "local_tau"])}
-            for name in ("transfer_0-4_to_5-9", "direct_5-9")}}
-    result["seconds"] = time.perf_counter() - t0
-    result["environment"] = {"torch": torch.__version__, "threads": torch.get_num_threads(),
-                             "machine": platform.processor() or platform.machine(),
-                             "python": sys.version.split()[0]}
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)) or ".", exist_ok=True)
-    with open(args.out + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(args.out + ".tmp", args.out)
+    _write(result, args.out, t0)
     if args.plots:
         plot(result, args.plots)
-    print(json.dumps(result["summary"], indent=1))
 
 
 if __name__ == "__main__":
