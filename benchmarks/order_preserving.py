@@ -25,9 +25,10 @@ The search settings are the released ones (lr 1e-4, momentum 0.9, weight decay 4
 training steps of 150 per candidate, label smoothing 0.1, update every step) on a smaller
 evolution (population 20, top 5, 10 mutations, 10 crossovers, 8 generations) because the
 space has 256 architectures; the SPOS search scores its candidates 10 at a time (batched
-engine, same per-candidate work). The ranking of all 256 is measured every ``--track-every``
-generation (and after the last; default every generation). The FLOPs limit is the median FLOPs of the space. Nothing here is
-tuned to the result. Output: one JSON with every number and, with ``--plots DIR``, PNGs.
+engine, same per-candidate work). The ranking of all 256 is measured after every generation
+(``--track-every N``: every N-th, and the last). The FLOPs limit is the median FLOPs of the
+space. Nothing here is tuned to the result. Output: one JSON with every number and, with
+``--plots DIR``, PNGs.
 """
 
 from __future__ import annotations
