@@ -45,7 +45,7 @@ import numpy as np
 import torch
 
 import fastshift
-from fastshift.analysis import load_ground_truth, order_preserving
+from fastshift.analysis import BUILTIN_GROUND_TRUTH, load_ground_truth, order_preserving
 from fastshift.shifting import score_architectures
 
 TOPS = (0.1, 0.2, 0.5)
@@ -126,27 +126,34 @@ def run_seed(seed, truth, data, args, flops_limit, feasible):
     return out
 
 
-def run_transfer(seed, args, flops_limit):
-    truth = load_ground_truth("digits5-9", fastshift.spaces.digits(5))
-    feasible = np.array([fastshift.spaces.digits(5).flops(a) <= flops_limit
-                         for a in truth.archs])
+def run_transfer(seed, args):
+    """The two searches of one seed; the ground truth is looked up afterwards
+    (:func:`score_transfer`), so the searches can start before the 5-9 table exists."""
+    space5 = fastshift.spaces.digits(5)
+    archs = list(space5.all_archs())
     src = fastshift.data.digits(seed=0, classes=range(5))
     dst = fastshift.data.digits(seed=0, classes=range(5, 10))
-    space5 = fastshift.spaces.digits(5)
     out = {}
     for name, pre_data in (("transfer_0-4_to_5-9", src), ("direct_5-9", dst)):
         net = pretrain(space5, pre_data["train"], seed, args)
         kw = {"num_classes": 5} if name.startswith("transfer") else {}
         res = fastshift.search(net, dst["train"], dst["val"], shifting=True, lr=args.shift_lr,
-                               **kw, **search_kwargs(args, flops_limit, seed))
-        scores = rank(res.supernet, truth.archs, dst, seed, args)
-        out[name] = {"found": found(truth, res.best_arch, feasible),
-                     "best_error_in_search": res.best_error,
-                     "final": metrics(scores, truth), "search_s": res.seconds}
-        print(f"seed {seed} {name}: found {res.best_arch} gt acc "
-              f"{out[name]['found']['gt_accuracy']:.4f} rank {out[name]['found']['gt_rank']}",
-              flush=True)
+                               **kw, **search_kwargs(args, args.flops_limit, seed))
+        out[name] = {"best_arch": list(res.best_arch), "best_error_in_search": res.best_error,
+                     "archs": [list(a) for a in archs],
+                     "scores": rank(res.supernet, archs, dst, seed, args),
+                     "search_s": res.seconds}
+        print(f"seed {seed} {name}: found {res.best_arch}", flush=True)
     return out
+
+
+def score_transfer(run, truth, feasible):
+    for entry in run.values():
+        scores = dict(zip(map(tuple, entry.pop("archs")), entry["scores"]))
+        entry["scores"] = [scores[a] for a in truth.archs]
+        entry["found"] = found(truth, entry["best_arch"], feasible)
+        entry["final"] = metrics(entry["scores"], truth)
+    return run
 
 
 def summarize(runs, path):
@@ -248,7 +255,16 @@ def main(argv=None):
     feasible = flops <= flops_limit
     t0 = time.perf_counter()
     if args.part == "transfer":
-        transfer = [run_transfer(s, args, flops_limit) for s in args.seeds]
+        args.flops_limit = flops_limit
+        raw = [run_transfer(s, args) for s in args.seeds]
+        path59 = BUILTIN_GROUND_TRUTH["digits5-9"]
+        while not os.path.isfile(path59):  # built concurrently by make_ground_truth.py
+            print(f"waiting for {path59}", flush=True)
+            time.sleep(30)
+        truth59 = load_ground_truth("digits5-9", fastshift.spaces.digits(5))
+        feasible59 = np.array([fastshift.spaces.digits(5).flops(a) <= flops_limit
+                               for a in truth59.archs])
+        transfer = [score_transfer(r, truth59, feasible59) for r in raw]
         result = {"args": vars(args), "flops_limit": flops_limit, "seeds": transfer,
                   "ground_truth": load_ground_truth("digits5-9").meta, "summary": {
             name: {"found_gt_accuracy": summarize(transfer, [name, "found", "gt_accuracy"]),
