@@ -94,6 +94,7 @@ class PathStats:
                                    m.running_var.detach().clone())
                             for name, m in self.modules.items()}
         self.rows: dict[tuple[str, tuple], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._updated: set | None = None
 
     def gather(self, name: str, prefixes) -> tuple[torch.Tensor, torch.Tensor]:
         mean0, var0 = self.initial[name]
@@ -104,8 +105,20 @@ class PathStats:
             vars_.append(v)
         return torch.stack(means), torch.stack(vars_)
 
+    def begin_step(self):
+        """Start a training step: from now on each (module, prefix) takes one running-statistics
+        update until the next call. When the K subnets are split into chunks (``max_rows``), a
+        prefix shared by two chunks is computed by both on the same batch; without this its
+        statistics would be updated twice in one step."""
+        self._updated = set()
+
     def scatter(self, name: str, prefixes, mean: torch.Tensor, var: torch.Tensor):
+        updated = self._updated
         for p, m, v in zip(prefixes, mean.unbind(0), var.unbind(0)):
+            if updated is not None:
+                if (name, p) in updated:
+                    continue
+                updated.add((name, p))
             self.rows[(name, p)] = (m, v)
 
     def batch_norm(self, prefixes, training: bool):

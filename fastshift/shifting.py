@@ -308,6 +308,7 @@ class Shifter:
                 self._zero_grad()
             for step in range(cfg.train_steps):
                 x, y = self.stream.next()
+                stats.begin_step()
                 chunks = plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs else []
                 if not cfg.shifting:
                     with torch.no_grad():

@@ -154,6 +154,32 @@ def test_batched_fitness_equals_sequential_with_lr_zero(shifting, trained_state)
             assert fit["train_loss"] == pytest.approx(want["train_loss"], rel=1e-5)
 
 
+@pytest.mark.parametrize("shifting", [True, False])
+def test_chunked_training_updates_shared_prefix_statistics_once(shifting):
+    """With ``max_rows`` the K candidates run in chunks; a prefix shared by two chunks is
+    computed twice on the same batch but its running statistics are updated once per step, so
+    fitnesses and the written-back statistics equal the unchunked run (float64, lr = 0)."""
+    split, space = _digits_small()
+    archs = [(0, 1, 2, 3), (0, 1, 2, 0), (0, 1, 1, 1), (0, 2, 3, 1), (3, 3, 3, 3)]
+    train = (split["train"][0].double(), split["train"][1])
+    val = EvalSet.balanced(split["val"], 2, 100, dtype=torch.float64)
+    cfg = FitnessConfig(shifting=shifting, train_steps=4, train_batch_size=32, val_batches=2,
+                        val_batch_size=100, lr=0.0)
+    base = fastshift.Supernet(space, backend="reference",
+                              generator=torch.Generator().manual_seed(5)).double()
+    base.dropout.p = 0.0
+    runs = []
+    for max_rows in (None, 32):
+        net = copy.deepcopy(base)
+        shifter = Shifter(net, BatchStream(train, 32, seed=2, dtype=torch.float64), val, cfg)
+        runs.append((shifter.evaluate_many(archs, seed=0, max_rows=max_rows), net))
+    (whole, net_a), (chunked, net_b) = runs
+    for a, fa, fb in zip(archs, whole, chunked):
+        assert fa["top1_err"] == fb["top1_err"] and fa["top5_err"] == fb["top5_err"], a
+    for k, v in net_a.state_dict().items():
+        torch.testing.assert_close(net_b.state_dict()[k], v, rtol=1e-12, atol=1e-12, msg=k)
+
+
 def test_batched_search_runs_and_shifts(trained_state):
     split, space = _digits_small()
     net = fastshift.Supernet(space)
