@@ -26,15 +26,30 @@ def _space(dropout):
                                               "dropout": dropout})
 
 
-def _job(kind, dropout, state, tmp, batch_subnets=1):
+class _Stop(Exception):
+    pass
+
+
+def _stop_after_first_generation(gen, net, history):
+    if gen == 0:
+        raise _Stop
+
+
+def _job(kind, dropout, state, tmp, batch_subnets=1, resume=None, interrupt=False):
     """The work of one process; returns a picklable summary."""
     torch.set_num_threads(1)
     split = fastshift.data.digits(seed=0)
     net = fastshift.Supernet(_space(dropout), backend="reference").double()
     net.load_state_dict(state)
     if kind == "search":
-        res = fastshift.search(net, split["train"], split["val"], batch_subnets=batch_subnets,
-                               checkpoint_dir=os.path.join(tmp, "ckpt"), **SEARCH)
+        hook = _stop_after_first_generation if interrupt else None
+        try:
+            res = fastshift.search(net, split["train"], split["val"],
+                                   batch_subnets=batch_subnets, resume=resume,
+                                   checkpoint_dir=os.path.join(tmp, "ckpt"), on_generation=hook,
+                                   **SEARCH)
+        except _Stop:
+            return {"stopped": True}
         return {"history": res.history, "best": res.best_arch, "state": net.state_dict()}
     stats = fastshift.train_supernet(net, split["train"], iterations=6, batch_size=30, lr=0.05,
                                      seed=1, checkpoint_dir=os.path.join(tmp, "train"),
@@ -112,6 +127,21 @@ def test_two_ranks_equal_one_process(tmp_path, state, mode, dropout, k):
                                                             for x, r in b["latest"]]
     _same_history(ckpt["history"], ref["history"])
     _same_state(ckpt["supernet"], ref["supernet"])
+
+
+@pytest.mark.slow
+def test_two_ranks_resume_a_one_process_checkpoint(tmp_path, state):
+    """A checkpoint holds nothing world-size specific: a 1-process search stopped after its
+    first generation, resumed by 2 ranks, ends as the uninterrupted 1-process search."""
+    full = _job("search", 0.1, state, str(tmp_path / "full"))
+    assert _job("search", 0.1, state, str(tmp_path / "part"), interrupt=True) == {"stopped": True}
+    ckpt = tmp_path / "part" / "ckpt"
+    assert torch.load(ckpt / "search_checkpoint.pt", weights_only=True)["generation_done"] == 0
+    ranks = _run(tmp_path / "two", kind="search", dropout=0.1, state=state, resume=str(ckpt))
+    for out in ranks:
+        _same_history(out["history"], full["history"])
+        assert out["best"] == full["best"]
+        _same_state(out["state"], full["state"])
 
 
 @pytest.mark.slow
