@@ -176,8 +176,9 @@ def cmd_search(args):
         space = _space(args, num_classes)
         net = Supernet(space, num_classes=num_classes,
                        generator=torch.Generator().manual_seed(args.seed or 0))
-        print(f"demo: training a {space!r} supernet on digits "
-              f"({DEMO['train_iterations']} iterations)", flush=True)
+        if distributed.is_main():
+            print(f"demo: training a {space!r} supernet on digits "
+                  f"({DEMO['train_iterations']} iterations)", flush=True)
         train_supernet(net, train, iterations=DEMO["train_iterations"],
                        batch_size=DEMO["train_batch_size"], lr=DEMO["train_lr"],
                        seed=args.seed or 0, device=device, progress=not args.no_progress)
@@ -185,7 +186,8 @@ def cmd_search(args):
             atomic_save({"state_dict": net.state_dict(), "space": space.config()},
                         os.path.join(args.out, "supernet_pretrained.pt"))
         kw = {**DEMO["search"], **_search_kwargs(args)}
-        print("demo: Supernet Shifting search", flush=True)
+        if distributed.is_main():
+            print("demo: Supernet Shifting search", flush=True)
     else:
         _default_space(args)
         if not args.supernet and not args.resume:
