@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 __all__ = ["DistributedError", "init_from_env", "active", "rank", "world_size", "is_main",
            "shard", "split", "all_reduce_grads", "all_sum", "all_gather_objects",
-           "sync_batch_norm", "barrier", "timeout_seconds"]
+           "sync_batch_norm", "path_loss", "barrier", "timeout_seconds"]
 
 
 class DistributedError(RuntimeError):
@@ -229,3 +229,19 @@ def sync_batch_norm(module: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tens
             module.running_mean.lerp_(mean.to(module.running_mean.dtype), momentum)
             module.running_var.lerp_(unbiased.to(module.running_var.dtype), momentum)
     return y
+
+
+def path_loss(net, x, y, arch, label_smoothing: float):
+    """``(loss to back-propagate, full-batch loss value)`` of ``net(x, arch)`` with
+    label-smoothed cross-entropy. One process: the plain mean loss. Several ranks: this rank's
+    rows (:func:`shard`), synchronized BN, full-batch dropout masks, and the loss is its rows'
+    share of the full-batch mean, so the gradients summed over ranks
+    (:func:`all_reduce_grads`) are the one-process ones; the value is summed over ranks."""
+    if not active():
+        loss = F.cross_entropy(net(x, arch), y, label_smoothing=label_smoothing)
+        return loss, float(loss.detach())
+    rows = shard(x.shape[0])
+    logits = net(x[rows], arch, batch_norm=sync_batch_norm, rows=(rows.start, x.shape[0]))
+    loss = F.cross_entropy(logits, y[rows], label_smoothing=label_smoothing,
+                           reduction="sum") / x.shape[0]
+    return loss, float(all_sum(loss.detach().reshape(1).clone(), "loss"))

@@ -153,7 +153,6 @@ class PathStats:
 
         return get
 
-    @torch.no_grad()
     def export(self) -> list:
         """``[(name, prefix, mean, var)]`` on the CPU, in insertion order (to gather the
         statistics of several ranks)."""
@@ -170,6 +169,7 @@ class PathStats:
                     buf = self.modules[name].running_mean
                     self.rows[key] = (m.to(buf.device, buf.dtype), v.to(buf.device, buf.dtype))
 
+    @torch.no_grad()
     def write_back(self):
         """Module buffers := mean over the prefixes that used each BN module (untouched
         modules keep theirs)."""

@@ -153,9 +153,6 @@ class Shifter:
             p.grad = torch.zeros_like(p) if i in present else None
 
     # -- evaluation -------------------------------------------------------------------------
-    def _loss(self, logits, y):
-        return F.cross_entropy(logits, y, label_smoothing=self.config.label_smoothing)
-
     @staticmethod
     def _check_finite(value: float, arch, step: int) -> float:
         if not math.isfinite(value):
@@ -167,20 +164,6 @@ class Shifter:
 
     def _zero_grad(self):
         self.optimizer.zero_grad(set_to_none=self.config.zero_grad == "none")
-
-    def _path_loss(self, x, y, arch):
-        """(loss to back-propagate, full-batch loss value). With several ranks each takes its
-        share of the rows, BN statistics are synchronized and the loss is its rows' share of
-        the full-batch mean (the gradients are summed over ranks in ``_step``)."""
-        if not dist.active():
-            loss = self._loss(self.net(x, arch), y)
-            return loss, float(loss.detach())
-        rows = dist.shard(x.shape[0])
-        logits = self.net(x[rows], arch, batch_norm=dist.sync_batch_norm,
-                          rows=(rows.start, x.shape[0]))
-        loss = F.cross_entropy(logits, y[rows], label_smoothing=self.config.label_smoothing,
-                               reduction="sum") / x.shape[0]
-        return loss, float(dist.all_sum(loss.detach().reshape(1).clone(), "loss"))
 
     def _step(self):
         """One optimizer step on the gradients summed over ranks."""
@@ -197,7 +180,7 @@ class Shifter:
             self._zero_grad()
         for step in range(cfg.train_steps):
             x, y = self.stream.next()
-            loss, value = self._path_loss(x, y, arch)
+            loss, value = dist.path_loss(net, x, y, arch, cfg.label_smoothing)
             total += self._check_finite(value, arch, step)
             if cfg.update == "step":
                 self._zero_grad()
@@ -297,7 +280,7 @@ class Shifter:
         k = len(archs)
         # With several ranks each takes a contiguous part of the K candidates (all ranks see
         # the same batches); gradients are summed over ranks, fitnesses gathered.
-        offset, mine = dist.split(list(range(k)))
+        _, mine = dist.split(list(range(k)))
         mine_archs = [archs[i] for i in mine]
         t0 = time.perf_counter()
         stats = PathStats(net, reset=not cfg.shifting)

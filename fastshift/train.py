@@ -14,7 +14,6 @@ import time
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save
@@ -130,16 +129,7 @@ def train_supernet(
             arch = sample_path(net.space, rng, flops_bins, net.num_classes)
             x, y = stream.next()
             with seeded_rng(net, seed * 1_000_003 + it):
-                if dist.active():  # this rank's rows, synchronized BN, share of the mean
-                    rows = dist.shard(x.shape[0])
-                    logits = net(x[rows], arch, batch_norm=dist.sync_batch_norm,
-                                 rows=(rows.start, x.shape[0]))
-                    loss = F.cross_entropy(logits, y[rows], label_smoothing=label_smoothing,
-                                           reduction="sum") / x.shape[0]
-                    value = float(dist.all_sum(loss.detach().reshape(1).clone(), "loss"))
-                else:
-                    loss = F.cross_entropy(net(x, arch), y, label_smoothing=label_smoothing)
-                    value = float(loss.detach())
+                loss, value = dist.path_loss(net, x, y, arch, label_smoothing)
             if not math.isfinite(value):
                 raise FloatingPointError(
                     f"training loss is {value} at iteration {it} (path {arch}): lower lr or "
