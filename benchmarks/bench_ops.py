@@ -212,6 +212,7 @@ def main(argv=None):
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
+    allocator_tuned = fastshift.ops.tune_cpu_allocator(args.device)  # every backend alike
     device = torch.device(args.device)
     scale = SCALES[args.scale]
     space = fastshift.spaces.spos_shufflenetv2(scale["input_size"])
@@ -265,6 +266,7 @@ def main(argv=None):
                      "mode": "training (batch statistics)", "repeats": args.repeats},
         "machine": platform.node() + " / " + platform.processor(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "peak_gflops": peak_gflops(device),
         "backends": backends, "summary": summary, "rows": rows,

@@ -18,10 +18,18 @@ Data are synthetic tensors (1000 classes for the SPOS space). The candidates are
 generation (mutations and crossovers of a ranked random population, then random fill), so the
 prefix sharing is that of an actual search.
 
+Timing: every mode keeps its own supernet and Shifter for the whole run. The candidates are
+split into --rounds consecutive slices and every mode runs each slice in turn, in forward order
+in even rounds and reverse order in odd ones, so that a drift of the machine's speed (20-40 %
+within minutes on the shared 2-core VM this project is measured on) falls on all modes alike;
+"round_seconds" in the JSON shows it. fastshift.ops.tune_cpu_allocator() is applied to the
+process first (it is what fastshift.search does on a CPU), so it applies to every mode.
+
 GFLOP/s = 2 x multiply-adds of the useful work (a training step counted as 3 forward passes) /
 seconds. peak_gflops: a 2048^3 fp32 matmul timed in the same run (the machine's practical peak).
 
-usage: python benchmarks/bench_search.py --scale cpu --candidates 50 --out cpu.json
+usage: python benchmarks/bench_search.py --scale cpu --candidates 50 --ks 10 25 \
+           --reference-ops-ks 25 --rounds 2 --out cpu.json
 """
 
 from __future__ import annotations
@@ -138,26 +146,39 @@ def check_correctness(base, train, val, scale, device, fast_backend, archs):
             seq, fit)
 
 
-def time_mode(base, backend, k, archs, train, val, scale, device, max_rows=None):
-    net = with_backend(base, backend)
-    shifter = make_shifter(net, train, val, scale, device)
-    # warm-up: one candidate (or one batch) outside the timing
-    if k == 0:
-        shifter.evaluate(archs[0], seed=0)
-    else:
-        warm = make_shifter(with_backend(base, backend), train, val, scale, device, steps=1,
-                            val_batches=1)
-        warm.evaluate_many(archs[:k], seed=0, max_rows=max_rows)
-    _sync(device)
-    t = time.perf_counter()
-    if k == 0:  # Shifter.evaluate, one candidate at a time
-        for i, arch in enumerate(archs):
-            shifter.evaluate(arch, seed=i)
-    else:
-        for start in range(0, len(archs), k):
-            shifter.evaluate_many(archs[start:start + k], seed=start, max_rows=max_rows)
-    _sync(device)
-    return time.perf_counter() - t
+class ModeRunner:
+    """One mode's supernet and Shifter, kept across rounds (the supernet shifts as in a real
+    search); ``run`` times one slice of the candidates."""
+
+    def __init__(self, base, backend, k, train, val, scale, device, max_rows=None):
+        self.k, self.device, self.max_rows = k, device, max_rows
+        self.shifter = make_shifter(with_backend(base, backend), train, val, scale, device)
+        self.round_seconds = []
+        self._warm = (base, backend, train, val, scale)
+
+    def warm_up(self, archs):
+        """One candidate (or one batch of K) on a throw-away copy, outside the timing."""
+        base, backend, train, val, scale = self._warm
+        if self.k == 0:
+            make_shifter(with_backend(base, backend), train, val, scale, self.device, steps=1,
+                         val_batches=1).evaluate(archs[0], seed=0)
+        else:
+            make_shifter(with_backend(base, backend), train, val, scale, self.device, steps=1,
+                         val_batches=1).evaluate_many(archs[:self.k], seed=0,
+                                                      max_rows=self.max_rows)
+
+    def run(self, archs, offset):
+        _sync(self.device)
+        t = time.perf_counter()
+        if self.k == 0:  # Shifter.evaluate, one candidate at a time
+            for i, arch in enumerate(archs):
+                self.shifter.evaluate(arch, seed=offset + i)
+        else:
+            for start in range(0, len(archs), self.k):
+                self.shifter.evaluate_many(archs[start:start + self.k], seed=offset + start,
+                                           max_rows=self.max_rows)
+        _sync(self.device)
+        self.round_seconds.append(time.perf_counter() - t)
 
 
 def main(argv=None):
@@ -171,8 +192,11 @@ def main(argv=None):
     parser.add_argument("--max-rows", type=int, default=None)
     parser.add_argument("--reference-ops-ks", type=int, nargs="*", default=[],
                         help="also time batched_kK on the plain-PyTorch ops (backend reference)")
+    parser.add_argument("--rounds", type=int, default=2,
+                        help="interleave the modes over this many slices of the candidates")
     parser.add_argument("--out", default=None, help="JSON output file")
     args = parser.parse_args(argv)
+    allocator_tuned = fastshift.ops.tune_cpu_allocator(args.device)
 
     device = torch.device(args.device)
     scale = SCALES[args.scale]
@@ -198,11 +222,26 @@ def main(argv=None):
         if args.reference_ops_ks and fast_backend != "reference":
             plan += [(f"batched_k{k}_reference_ops", "reference", k)
                      for k in args.reference_ops_ks if k <= len(archs)]
+    runners = {name: ModeRunner(base, backend, k, train, val, scale, device, args.max_rows)
+               for name, backend, k in plan}
+    for runner in runners.values():
+        runner.warm_up(archs)
+    # Rounds: the candidates are split into --rounds consecutive slices; every mode runs each
+    # slice, in forward order in even rounds and reverse order in odd ones, so that a drift in
+    # the machine's speed (large on a shared VM) is shared by all modes.
+    rounds = max(1, min(args.rounds, len(archs)))
+    bounds = np.linspace(0, len(archs), rounds + 1).round().astype(int)
+    for r in range(rounds):
+        order = list(runners.items()) if r % 2 == 0 else list(runners.items())[::-1]
+        for name, runner in order:
+            runner.run(archs[bounds[r]:bounds[r + 1]], int(bounds[r]))
+            print(f"round {r}: {name:>26}: {runner.round_seconds[-1]:8.1f} s", flush=True)
     modes = {}
     for name, backend, k in plan:
-        seconds = time_mode(base, backend, k, archs, train, val, scale, device, args.max_rows)
+        seconds = sum(runners[name].round_seconds)
         n = len(archs)
         modes[name] = {
+            "round_seconds": runners[name].round_seconds,
             "backend": backend,
             "k": max(k, 1),
             "seconds": seconds,
@@ -211,7 +250,7 @@ def main(argv=None):
             "images_per_s": images * n / seconds,
             "gflops": 2 * sum(per_candidate_macs) / seconds / 1e9,
         }
-        print(f"{name:>14}: {seconds / n:.3f} s/candidate", flush=True)
+        print(f"{name:>26}: {seconds / n:.3f} s/candidate", flush=True)
     if "reference" in modes:
         for row in modes.values():
             row["speedup_vs_reference"] = modes["reference"]["seconds"] / row["seconds"]
@@ -222,9 +261,10 @@ def main(argv=None):
                      "train_steps": scale["train_steps"], "train_batch": scale["train_batch"],
                      "val_batches": scale["val_batches"], "val_batch": scale["val_batch"],
                      "candidates": len(archs), "distinct_candidates": len(set(archs)),
-                     "max_rows": args.max_rows},
+                     "max_rows": args.max_rows, "rounds": rounds},
         "machine": platform.node() + " / " + platform.processor(),
         "cpu_threads": torch.get_num_threads(),
+        "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
         "peak_gflops": peak_gflops(device),

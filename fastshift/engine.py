@@ -10,6 +10,11 @@ own batch statistics (over its own B rows) and updates its own running statistic
 every prefix uses its own running statistics. Those live in a :class:`PathStats` store, keyed by
 (BN module, prefix), initialised from the supernet's buffers. Prefix-sharing subnets have equal
 statistics by construction, so a prefix stands for all the subnets that share it.
+
+With autograd (training steps) each layer runs breadth first: one op per choice on the stacked
+rows of all its prefixes (large matmuls, one backward). Without autograd (validation, SPOS
+recalibration) the trie is walked depth first, node by node on B rows: the same ops and the same
+sharing, but only one path's activations are alive, so each op's working set stays in cache.
 """
 
 from __future__ import annotations
@@ -54,6 +59,17 @@ class ExecutionPlan:
             prev = {p: i for i, p in enumerate(distinct)}
         self.leaves = list(prev)
         self.leaf = [prev[a] for a in self.archs]
+        # children[l][i]: (choice, node, prefix) of layer l whose parent is node i of layer l-1
+        self.children = []
+        for groups in self.levels:
+            parents = 1 + max(p for _, rows, _ in groups for p in rows)
+            kids: list[list] = [[] for _ in range(parents)]
+            node = 0
+            for choice, rows, prefixes in groups:
+                for parent, prefix in zip(rows, prefixes):
+                    kids[parent].append((choice, node, prefix))
+                    node += 1
+            self.children.append(kids)
         self.computed: list[tuple[int, tuple]] = []  # (layer, prefix) per node computed
 
     def nodes(self, layer: int) -> int:
@@ -234,8 +250,47 @@ def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _run_depth_first(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats,
+                     fused: bool) -> torch.Tensor:
+    """``_run_plan`` without autograd: the trie is walked depth first, each node on its own
+    B rows (one BN group), so that only one activation per layer is alive and the working set
+    of an op is that of a single path (it stays in cache), while every distinct (prefix, layer)
+    is still computed exactly once."""
+    training = net.training
+    conv = conv_channels_last
+    logits: list = [None] * len(plan.leaves)
+    last = len(plan.levels) - 1
+
+    def tail(h, prefix):
+        if fused:
+            h = run_fused(net.conv_last, h, stats.norm_stats([prefix], training), training,
+                          net.backend)
+        else:
+            h = run_sequential(net.conv_last, h, stats.batch_norm([prefix], training), conv)
+        return net.classifier(net.dropout(h.mean((2, 3))))
+
+    def visit(layer: int, act: torch.Tensor, parent: int):
+        for choice, node, prefix in plan.children[layer][parent]:
+            block = net.features[layer][choice]
+            if fused:
+                out = block.forward_fused(act, stats.norm_stats([prefix], training), training)
+            else:
+                out = block.forward_grouped(act, stats.batch_norm([prefix], training), conv)
+            plan.computed.append((layer, prefix))
+            if layer == last:
+                logits[node] = tail(out, prefix)
+            else:
+                visit(layer + 1, out, node)
+
+    x = x.contiguous(memory_format=torch.channels_last)
+    visit(0, run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv), 0)
+    return torch.stack(logits)[torch.tensor(plan.leaf, device=x.device)]
+
+
 def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
     training = net.training
+    if not torch.is_grad_enabled():
+        return _run_depth_first(net, x, plan, stats, uses_fused(net.backend, x))
     batch = x.shape[0]
     conv = conv_channels_last
     x = x.contiguous(memory_format=torch.channels_last)
@@ -282,6 +337,10 @@ def forward_many(net, x: torch.Tensor, archs, *, stats: PathStats | None = None,
     it); in eval mode each subnet uses its own running statistics from ``stats``.
 
     ``max_rows`` bounds the rows (prefixes x B) of the widest layer: K is split into chunks.
+    Without autograd (``torch.no_grad()``: evaluation, SPOS recalibration) the trie is walked
+    depth first instead, each (prefix, layer) once on its own B rows, so that only one
+    activation per layer is alive and each op's working set is that of one path (it stays in
+    cache); ``max_rows`` is then ignored.
     ``plans``: a list that receives the ExecutionPlan of every chunk (for inspection).
     Gradients flow to the shared weights as the sum over the K subnets.
     """
@@ -296,7 +355,9 @@ def forward_many(net, x: torch.Tensor, archs, *, stats: PathStats | None = None,
     own_stats = stats is None
     if own_stats:
         stats = PathStats(net)
-    chunks = plan_chunks(archs, x.shape[0], max_rows)
+    # without autograd the trie is walked depth first (one path's activations alive at a
+    # time), so max_rows is not needed there
+    chunks = plan_chunks(archs, x.shape[0], max_rows if torch.is_grad_enabled() else None)
     out = [None] * len(archs)
     for chunk in chunks:
         plan = ExecutionPlan([archs[k] for k in chunk])

@@ -18,6 +18,7 @@ from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save, check_state_dict
 from .data import BatchStream, EvalSet
 from .evolution import EvolutionSearcher
+from .ops import tune_cpu_allocator
 from .shifting import FitnessConfig, Shifter
 from .supernet import Supernet
 
@@ -149,6 +150,7 @@ def search(
         raise TypeError(f"search needs a fastshift.Supernet, got {type(net).__name__}")
     space = net.space
     device = _resolve_device(net, device)
+    tune_cpu_allocator(device)
     fitness = FitnessConfig(
         shifting=bool(shifting), update=update, train_steps=train_steps,
         train_batch_size=train_batch_size, val_batches=val_batches,

@@ -26,6 +26,7 @@ from torch import nn
 from . import distributed as dist
 from .data import BatchStream, EvalSet
 from .engine import PathStats, plan_chunks
+from .ops import tune_cpu_allocator
 from .space import Arch
 
 __all__ = ["FitnessConfig", "Shifter", "make_optimizer", "seeded_rng", "score_architectures",
@@ -271,8 +272,10 @@ class Shifter:
         supernet's at the start of the batch; afterwards each BN module holds the mean of the
         statistics of the candidates that used it. Without shifting (SPOS), each candidate's
         path statistics are reset and recomputed on the shared batches, and the supernet's are
-        left untouched. ``max_rows`` bounds the rows per layer (K is then processed in chunks,
-        gradients accumulated). Returns one dict per candidate, as ``evaluate``.
+        left untouched. ``max_rows`` bounds the rows per layer of a training step (K is then
+        processed in chunks, gradients accumulated); the passes without autograd (validation,
+        SPOS recalibration) walk the prefix trie depth first and need no bound. Returns one
+        dict per candidate, as ``evaluate``.
         """
         cfg = self.config
         net = self.net
@@ -292,12 +295,12 @@ class Shifter:
             for step in range(cfg.train_steps):
                 x, y = self.stream.next()
                 stats.begin_step()
-                chunks = plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs else []
-                if not cfg.shifting:
-                    with torch.no_grad():
-                        for chunk in chunks:
-                            net.forward_many(x, [mine_archs[i] for i in chunk], stats=stats)
+                if not cfg.shifting:  # no autograd: one depth-first pass, no chunks needed
+                    if mine_archs:
+                        with torch.no_grad():
+                            net.forward_many(x, mine_archs, stats=stats)
                     continue
+                chunks = plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs else []
                 if cfg.update == "step":
                     self._zero_grad()
                 for chunk in chunks:
@@ -322,13 +325,12 @@ class Shifter:
         total = 0
         with torch.no_grad():
             for x, y in self.val_set.batches:
-                for chunk in (plan_chunks(mine_archs, x.shape[0], max_rows) if mine_archs
-                              else []):
-                    logits = net.forward_many(x, [mine_archs[i] for i in chunk], stats=stats)
+                if mine_archs:  # no autograd: one depth-first pass over the trie
+                    logits = net.forward_many(x, mine_archs, stats=stats)
                     kk = min(5, logits.shape[-1])
                     hit = logits.topk(kk, dim=-1).indices == y[None, :, None]
-                    for i, h1, h5 in zip(chunk, hit[..., 0].sum(1).tolist(),
-                                         hit.any(-1).sum(1).tolist()):
+                    for i, (h1, h5) in enumerate(zip(hit[..., 0].sum(1).tolist(),
+                                                   hit.any(-1).sum(1).tolist())):
                         top1[mine[i]] += h1
                         top5[mine[i]] += h5
                 total += y.shape[0]
@@ -386,6 +388,7 @@ def score_architectures(net, archs, train_data, val_data, *, recalib_steps: int 
     scores. Returns one accuracy per arch, in order.
     """
     device = next(net.parameters()).device if device is None else torch.device(device)
+    tune_cpu_allocator(device)
     cfg = FitnessConfig(shifting=False, train_steps=recalib_steps,
                         train_batch_size=recalib_batch_size, val_batches=val_batches,
                         val_batch_size=val_batch_size)

@@ -18,6 +18,7 @@ import torch
 from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save
 from .data import BatchStream
+from .ops import tune_cpu_allocator
 from .shifting import make_optimizer, seeded_rng
 from .supernet import Supernet
 
@@ -82,6 +83,7 @@ def train_supernet(
     if iterations < 1:
         raise ValueError(f"iterations must be positive, got {iterations}")
     device = next(net.parameters()).device if device is None else torch.device(device)
+    tune_cpu_allocator(device)
     net.to(device)
     stream = BatchStream(train_data, batch_size, seed=seed, device=device,
                          dtype=next(net.parameters()).dtype)

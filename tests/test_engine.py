@@ -29,13 +29,22 @@ def make_net(seed=0, dtype=torch.float64):
     return net
 
 
+BACKENDS = ["reference"] + (["cpu"] if fastshift.ops.HAVE_C else [])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("grad", [True, False], ids=["breadth_first", "depth_first_no_grad"])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_many_equals_per_path(train):
+def test_forward_many_equals_per_path(train, grad, backend):
     net = make_net().train(train)
     copies = [copy.deepcopy(net) for _ in ARCHS]
+    for m in net.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
     x = torch.randn(6, 3, 11, 11, dtype=torch.float64)
     stats = PathStats(net)
-    out = net.forward_many(x, ARCHS, stats=stats)
+    with torch.set_grad_enabled(grad):
+        out = net.forward_many(x, ARCHS, stats=stats)
     ref = torch.stack([c(x, a) for c, a in zip(copies, ARCHS)])
     assert out.shape == (len(ARCHS), 6, 5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
@@ -74,12 +83,14 @@ def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients():
         torch.testing.assert_close(got, expected[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
-def test_trie_computes_each_prefix_once():
+@pytest.mark.parametrize("grad", [True, False], ids=["breadth_first", "depth_first_no_grad"])
+def test_trie_computes_each_prefix_once(grad):
     rng = np.random.default_rng(1)
     archs = ARCHS + [SPACE.sample(rng) for _ in range(20)]
     net = make_net().train()
     plans = []
-    net.forward_many(torch.randn(3, 3, 11, 11, dtype=torch.float64), archs, plans=plans)
+    with torch.set_grad_enabled(grad):
+        net.forward_many(torch.randn(3, 3, 11, 11, dtype=torch.float64), archs, plans=plans)
     (plan,) = plans
     assert len(plan.computed) == len(set(plan.computed))
     expected = {(layer, a[: layer + 1]) for a in archs for layer in range(SPACE.num_layers)}

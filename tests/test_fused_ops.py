@@ -166,7 +166,13 @@ def test_gradcheck_float64(backend, device, training):
     assert torch.autograd.gradcheck(pw, (x, w_pw), fast_mode=fast)
 
 
-def _op_samples(device):
+def _op_samples(device, suffix=""):
+    """(op, args) for every block op: forward in both modes, and the backward ops. ``suffix``
+    picks the compiled ("") or the Triton ("_triton") schemas."""
+    fs = torch.ops.fastshift
+    dw, pw = getattr(fs, "dwconv_bn" + suffix), getattr(fs, "pwconv_bn_relu" + suffix)
+    dw_back = getattr(fs, "dwconv_bn_backward" + suffix)
+    pw_back = getattr(fs, "pwconv_bn_relu_backward" + suffix)
     kw = dict(dtype=torch.float64, device=device)
     x = torch.randn(4, 6, 5, 5, **kw).contiguous(memory_format=torch.channels_last)
     w_dw = torch.randn(6, 1, 3, 3, **kw)
@@ -175,29 +181,24 @@ def _op_samples(device):
     mean5, var5 = torch.randn(2, 5, **kw), torch.rand(2, 5, **kw) + 0.5
     samples = []
     for training in (True, False):
-        samples.append((torch.ops.fastshift.dwconv_bn,
-                        (x.requires_grad_(True), w_dw.requires_grad_(True), mean, var, 2, 2,
-                         1e-5, training)))
-        samples.append((torch.ops.fastshift.pwconv_bn_relu,
-                        (x, w_pw.requires_grad_(True), mean5, var5, 2, 1e-5, training)))
-        y, _, var_b = torch.ops.fastshift.dwconv_bn(x.detach(), w_dw.detach(), mean, var, 2, 2,
-                                                    1e-5, training)
-        samples.append((torch.ops.fastshift.dwconv_bn_backward,
-                        (torch.randn_like(y), x.detach(), w_dw.detach(), y, var_b, 2, 2, 1e-5,
-                         training)))
-        yp, xh, _, var_p = torch.ops.fastshift.pwconv_bn_relu(x.detach(), w_pw.detach(), mean5,
-                                                              var5, 2, 1e-5, training)
-        samples.append((torch.ops.fastshift.pwconv_bn_relu_backward,
-                        (torch.randn_like(yp), x.detach(), w_pw.detach(), yp, xh, var_p, 2,
-                         1e-5, training)))
+        samples.append((dw, (x.requires_grad_(True), w_dw.requires_grad_(True), mean, var, 2, 2,
+                             1e-5, training)))
+        samples.append((pw, (x, w_pw.requires_grad_(True), mean5, var5, 2, 1e-5, training)))
+        y, _, var_b = dw(x.detach(), w_dw.detach(), mean, var, 2, 2, 1e-5, training)
+        samples.append((dw_back, (torch.randn_like(y), x.detach(), w_dw.detach(), y, var_b, 2, 2,
+                                  1e-5, training)))
+        yp, xh, _, var_p = pw(x.detach(), w_pw.detach(), mean5, var5, 2, 1e-5, training)
+        samples.append((pw_back, (torch.randn_like(yp), x.detach(), w_pw.detach(), yp, xh, var_p,
+                                  2, 1e-5, training)))
     return samples
 
 
 @needs_c
-@pytest.mark.parametrize("device", sorted({d for b, d in PAIRS if b != "triton"}))
-def test_opcheck(device):
-    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of every op."""
-    for op, args in _op_samples(device):
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_opcheck(backend, device):
+    """Schema, fake (meta) kernels, autograd registration and AOT dispatch of every op, the
+    Triton schemas included (on CPU tensors under the interpreter)."""
+    for op, args in _op_samples(device, "_triton" if backend == "triton" else ""):
         torch.library.opcheck(op, args)
 
 

@@ -24,10 +24,11 @@ import torch
 from . import reference
 from . import triton as _triton
 from ._registry import BUILD_ERROR, HAVE_C, cuda_built
+from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "dwconv_bn", "pwconv_bn_relu", "reference", "HAVE_C",
-           "BUILD_ERROR", "cuda_built", "triton_usable"]
+           "BUILD_ERROR", "cuda_built", "triton_usable", "tune_cpu_allocator"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 REBUILD = "pip install --no-build-isolation -e .  (or: bash scripts/install.sh)"

@@ -38,40 +38,6 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     return torch.stack((even, odd), dim=2).reshape(b, 2 * c, h, w)
 
 
-class _GroupedBatchNorm(torch.autograd.Function):
-    """y = (x - mean) * rstd with per-(group, channel) statistics, and the textbook backward
-    dx = rstd * (dy - mean(dy) - xhat * mean(dy * xhat)) (means over the group's rows and
-    pixels), written as dx = dy * rstd + x * beta + gamma with per-(group, channel) beta and
-    gamma, so that x, not the output (which a following in-place ReLU overwrites), is saved.
-
-    ``xg`` is ``[G, N, C, P]`` (NCHW rows) or ``[G, M, C]`` (channels-last rows); ``dims`` are the
-    reduction dims and ``view`` the shape that broadcasts ``[G, C]`` statistics against ``xg``.
-    """
-
-    @staticmethod
-    def forward(ctx, xg, mean, rstd, training, dims, view):
-        ctx.training, ctx.dims, ctx.view = training, dims, view
-        ctx.save_for_backward(xg, mean, rstd)
-        return (xg - mean.view(view)) * rstd.view(view)
-
-    @staticmethod
-    def backward(ctx, gy):
-        xg, mean, rstd = ctx.saved_tensors
-        view = ctx.view
-        if not ctx.training:  # the statistics are constants
-            return gy * rstd.view(view), None, None, None, None, None
-        count = 1
-        for d in ctx.dims:
-            count *= xg.shape[d]
-        sum_gy = gy.sum(ctx.dims)
-        sum_gy_x = (gy * xg).sum(ctx.dims)
-        sum_gy_xhat = rstd * (sum_gy_x - mean * sum_gy)
-        beta = -(rstd * rstd) * sum_gy_xhat / count
-        gamma = -rstd * sum_gy / count - beta * mean
-        dx = torch.addcmul(gy * rstd.view(view) + gamma.view(view), xg, beta.view(view))
-        return dx, None, None, None, None, None
-
-
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          mean: torch.Tensor, var: torch.Tensor, count: int,
                          momentum: float) -> None:
@@ -87,6 +53,49 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
 
 def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+
+
+class _GroupedTrainBatchNorm(torch.autograd.Function):
+    """Training-mode batch norm per row group with PyTorch's own kernels: each group's rows
+    are a contiguous slice of the batch and go through ``aten.native_batch_norm`` (its batch
+    statistics; its row of the running statistics updated in place) and, backward, through
+    ``aten.native_batch_norm_backward``, written straight into one output (no concatenation).
+    With one value per channel (which ``F.batch_norm`` refuses) the output is 0 and the
+    running statistics take mean = x, variance 0."""
+
+    @staticmethod
+    def forward(ctx, x, groups, running_mean, running_var, momentum, eps):
+        fmt = torch.channels_last if _is_channels_last(x) else torch.contiguous_format
+        x = x.contiguous(memory_format=fmt)
+        n = x.shape[0] // groups
+        track = running_mean is not None and x[:n].numel() > x.shape[1]
+        y = torch.empty_like(x)
+        save_mean = x.new_empty(groups, x.shape[1])
+        save_invstd = x.new_empty(groups, x.shape[1])
+        for g, (xg, yg) in enumerate(zip(x.split(n, 0), y.split(n, 0))):
+            torch.ops.aten.native_batch_norm.out(
+                xg, None, None, running_mean[g] if track else None,
+                running_var[g] if track else None, True, momentum, eps,
+                out=yg, save_mean=save_mean[g], save_invstd=save_invstd[g])
+        if running_mean is not None and not track:
+            mean = x.detach().reshape(groups, x.shape[1])
+            update_running_stats(running_mean, running_var, mean, torch.zeros_like(mean), 1,
+                                 momentum)
+        ctx.save_for_backward(x, save_mean, save_invstd)
+        ctx.n, ctx.eps, ctx.fmt = n, eps, fmt
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, save_mean, save_invstd = ctx.saved_tensors
+        gy = gy.contiguous(memory_format=ctx.fmt)
+        gx = torch.empty_like(x)
+        n = ctx.n
+        for g, (gyg, xg, gxg) in enumerate(zip(gy.split(n, 0), x.split(n, 0), gx.split(n, 0))):
+            gxg.copy_(torch.ops.aten.native_batch_norm_backward(
+                gyg, xg, None, None, None, save_mean[g], save_invstd[g], True, ctx.eps,
+                [True, False, False])[0])
+        return gx, None, None, None, None, None
 
 
 def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor | None,
@@ -108,22 +117,17 @@ def grouped_batch_norm(x: torch.Tensor, groups: int, running_mean: torch.Tensor 
     n = gn // groups
     if gn == 0:  # as F.batch_norm: an empty batch leaves the running statistics alone
         return x.clone()
-    if _is_channels_last(x):  # rows of a group are contiguous [N*H*W, C] blocks
-        xg = x.permute(0, 2, 3, 1).reshape(groups, n * h * w, c)
-        dims, view = (1,), (groups, 1, c)
-    else:
-        xg = x.reshape(groups, n, c, h * w)
-        dims, view = (1, 3), (groups, 1, c, 1)
     if training:
-        with torch.no_grad():
-            var, mean = torch.var_mean(xg, dim=dims, unbiased=False)
-        if running_mean is not None:
-            update_running_stats(running_mean, running_var, mean, var, n * h * w, momentum)
+        return _GroupedTrainBatchNorm.apply(x, groups, running_mean, running_var, momentum, eps)
+    # eval: the running statistics are constants
+    channels_last = _is_channels_last(x)
+    if channels_last:  # rows of a group are contiguous [N*H*W, C] blocks
+        xg, view = x.permute(0, 2, 3, 1).reshape(groups, n * h * w, c), (groups, 1, c)
     else:
-        mean, var = running_mean, running_var
-    rstd = torch.rsqrt(var.detach() + eps)
-    y = _GroupedBatchNorm.apply(xg, mean.detach(), rstd, training, dims, view)
-    if len(dims) == 1:
+        xg, view = x.reshape(groups, n, c, h * w), (groups, 1, c, 1)
+    rstd = torch.rsqrt(running_var.detach() + eps)
+    y = (xg - running_mean.detach().view(view)) * rstd.view(view)
+    if channels_last:
         return y.reshape(gn, h, w, c).permute(0, 3, 1, 2)
     return y.reshape(gn, c, h, w)
 
