@@ -294,28 +294,41 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     batch = x.shape[0]
     conv = conv_channels_last
     x = x.contiguous(memory_format=torch.channels_last)
-    act = run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv)
+    # The previous layer's output stays as its per-choice outputs (`outs`, in node order); a
+    # group's input is a row slice of one of them when its parents are consecutive rows there,
+    # else a concatenation of just its parents' rows, and the whole layer is concatenated only
+    # when a group takes every node (or for the tail).
+    outs = [run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv)]
     fused = uses_fused(net.backend, x)
     for layer, groups in enumerate(plan.levels):
-        parents = act.shape[0] // batch
-        pieces = None
-        outs = []
+        owner = []  # node -> (index of its output in outs, row block within it)
+        for i, out in enumerate(outs):
+            owner.extend((i, j) for j in range(out.shape[0] // batch))
+        pieces = full = None
+        layer_outs = []
         for choice, parent_rows, prefixes in groups:
-            if parent_rows == list(range(parents)):
-                inp = act
+            first, last = owner[parent_rows[0]], owner[parent_rows[-1]]
+            if parent_rows == list(range(len(owner))):
+                if full is None:
+                    full = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+                inp = full
+            elif (first[0] == last[0] and parent_rows
+                  == list(range(parent_rows[0], parent_rows[-1] + 1))):
+                inp = outs[first[0]][first[1] * batch:(last[1] + 1) * batch]
             else:
                 if pieces is None:
-                    pieces = act.split(batch, 0)
+                    pieces = [p for out in outs for p in out.split(batch, 0)]
                 inp = _gather_groups(pieces, parent_rows)
             block = net.features[layer][choice]
             if fused:
-                outs.append(block.forward_fused(inp, stats.norm_stats(prefixes, training),
-                                                training))
+                layer_outs.append(block.forward_fused(inp, stats.norm_stats(prefixes, training),
+                                                      training))
             else:
-                outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training),
-                                                  conv))
+                layer_outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training),
+                                                        conv))
             plan.computed.extend((layer, p) for p in prefixes)
-        act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        outs = layer_outs
+    act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     if fused:
         h = run_fused(net.conv_last, act, stats.norm_stats(plan.leaves, training), training,
                       net.backend)
