@@ -153,30 +153,30 @@ class ModeRunner:
     def __init__(self, base, backend, k, train, val, scale, device, max_rows=None):
         self.k, self.device, self.max_rows = k, device, max_rows
         self.shifter = make_shifter(with_backend(base, backend), train, val, scale, device)
+        # a throw-away copy with one step and one validation batch, for the warm-up
+        self.warm = make_shifter(with_backend(base, backend), train, val, scale, device,
+                                 steps=1, val_batches=1)
         self.round_seconds = []
-        self._warm = (base, backend, train, val, scale)
+
+    def _evaluate(self, shifter, archs, offset):
+        if self.k == 0:  # Shifter.evaluate, one candidate at a time
+            for i, arch in enumerate(archs):
+                shifter.evaluate(arch, seed=offset + i)
+        else:
+            for start in range(0, len(archs), self.k):
+                shifter.evaluate_many(archs[start:start + self.k], seed=offset + start,
+                                      max_rows=self.max_rows)
 
     def warm_up(self, archs):
-        """One candidate (or one batch of K) on a throw-away copy, outside the timing."""
-        base, backend, train, val, scale = self._warm
-        if self.k == 0:
-            make_shifter(with_backend(base, backend), train, val, scale, self.device, steps=1,
-                         val_batches=1).evaluate(archs[0], seed=0)
-        else:
-            make_shifter(with_backend(base, backend), train, val, scale, self.device, steps=1,
-                         val_batches=1).evaluate_many(archs[:self.k], seed=0,
-                                                      max_rows=self.max_rows)
+        """One candidate (or one batch of K) on the throw-away copy, outside the timing; the
+        copy is dropped afterwards."""
+        self._evaluate(self.warm, archs[:max(self.k, 1)], 0)
+        self.warm = None
 
     def run(self, archs, offset):
         _sync(self.device)
         t = time.perf_counter()
-        if self.k == 0:  # Shifter.evaluate, one candidate at a time
-            for i, arch in enumerate(archs):
-                self.shifter.evaluate(arch, seed=offset + i)
-        else:
-            for start in range(0, len(archs), self.k):
-                self.shifter.evaluate_many(archs[start:start + self.k], seed=offset + start,
-                                           max_rows=self.max_rows)
+        self._evaluate(self.shifter, archs, offset)
         _sync(self.device)
         self.round_seconds.append(time.perf_counter() - t)
 

@@ -61,9 +61,8 @@ class ExecutionPlan:
         self.leaf = [prev[a] for a in self.archs]
         # children[l][i]: (choice, node, prefix) of layer l whose parent is node i of layer l-1
         self.children = []
-        for groups in self.levels:
-            parents = 1 + max(p for _, rows, _ in groups for p in rows)
-            kids: list[list] = [[] for _ in range(parents)]
+        for layer, groups in enumerate(self.levels):
+            kids: list[list] = [[] for _ in range(self.nodes(layer - 1) if layer else 1)]
             node = 0
             for choice, rows, prefixes in groups:
                 for parent, prefix in zip(rows, prefixes):
@@ -250,6 +249,33 @@ def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
+def _block(net, layer: int, choice: int, x: torch.Tensor, prefixes, stats: PathStats,
+           training: bool, fused: bool) -> torch.Tensor:
+    """Choice ``choice`` of ``layer`` on the stacked rows of ``prefixes`` (one row group each)."""
+    block = net.features[layer][choice]
+    if fused:
+        return block.forward_fused(x, stats.norm_stats(prefixes, training), training)
+    return block.forward_grouped(x, stats.batch_norm(prefixes, training), conv_channels_last)
+
+
+def _tail(net, h: torch.Tensor, prefixes, stats: PathStats, training: bool,
+          fused: bool) -> torch.Tensor:
+    """conv_last (per-prefix BN), global pool, dropout, classifier: ``[rows, classes]``."""
+    if fused:
+        h = run_fused(net.conv_last, h, stats.norm_stats(prefixes, training), training,
+                      net.backend)
+    else:
+        h = run_sequential(net.conv_last, h, stats.batch_norm(prefixes, training),
+                           conv_channels_last)
+    return net.classifier(net.dropout(h.mean((2, 3))))
+
+
+def _stem(net, x: torch.Tensor, stats: PathStats, training: bool) -> torch.Tensor:
+    x = x.contiguous(memory_format=torch.channels_last)
+    return run_sequential(net.first_conv, x, stats.batch_norm([()], training),
+                          conv_channels_last)
+
+
 def _run_depth_first(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats,
                      fused: bool) -> torch.Tensor:
     """``_run_plan`` without autograd: the trie is walked depth first, each node on its own
@@ -257,49 +283,33 @@ def _run_depth_first(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats
     of an op is that of a single path (it stays in cache), while every distinct (prefix, layer)
     is still computed exactly once."""
     training = net.training
-    conv = conv_channels_last
     logits: list = [None] * len(plan.leaves)
     last = len(plan.levels) - 1
 
-    def tail(h, prefix):
-        if fused:
-            h = run_fused(net.conv_last, h, stats.norm_stats([prefix], training), training,
-                          net.backend)
-        else:
-            h = run_sequential(net.conv_last, h, stats.batch_norm([prefix], training), conv)
-        return net.classifier(net.dropout(h.mean((2, 3))))
-
     def visit(layer: int, act: torch.Tensor, parent: int):
         for choice, node, prefix in plan.children[layer][parent]:
-            block = net.features[layer][choice]
-            if fused:
-                out = block.forward_fused(act, stats.norm_stats([prefix], training), training)
-            else:
-                out = block.forward_grouped(act, stats.batch_norm([prefix], training), conv)
+            out = _block(net, layer, choice, act, [prefix], stats, training, fused)
             plan.computed.append((layer, prefix))
             if layer == last:
-                logits[node] = tail(out, prefix)
+                logits[node] = _tail(net, out, [prefix], stats, training, fused)
             else:
                 visit(layer + 1, out, node)
 
-    x = x.contiguous(memory_format=torch.channels_last)
-    visit(0, run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv), 0)
+    visit(0, _stem(net, x, stats, training), 0)
     return torch.stack(logits)[torch.tensor(plan.leaf, device=x.device)]
 
 
 def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
     training = net.training
+    fused = uses_fused(net.backend, x)
     if not torch.is_grad_enabled():
-        return _run_depth_first(net, x, plan, stats, uses_fused(net.backend, x))
+        return _run_depth_first(net, x, plan, stats, fused)
     batch = x.shape[0]
-    conv = conv_channels_last
-    x = x.contiguous(memory_format=torch.channels_last)
     # The previous layer's output stays as its per-choice outputs (`outs`, in node order); a
     # group's input is a row slice of one of them when its parents are consecutive rows there,
     # else a concatenation of just its parents' rows, and the whole layer is concatenated only
     # when a group takes every node (or for the tail).
-    outs = [run_sequential(net.first_conv, x, stats.batch_norm([()], training), conv)]
-    fused = uses_fused(net.backend, x)
+    outs = [_stem(net, x, stats, training)]
     for layer, groups in enumerate(plan.levels):
         owner = []  # node -> (index of its output in outs, row block within it)
         for i, out in enumerate(outs):
@@ -319,24 +329,13 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
                 if pieces is None:
                     pieces = [p for out in outs for p in out.split(batch, 0)]
                 inp = _gather_groups(pieces, parent_rows)
-            block = net.features[layer][choice]
-            if fused:
-                layer_outs.append(block.forward_fused(inp, stats.norm_stats(prefixes, training),
-                                                      training))
-            else:
-                layer_outs.append(block.forward_grouped(inp, stats.batch_norm(prefixes, training),
-                                                        conv))
+            layer_outs.append(_block(net, layer, choice, inp, prefixes, stats, training, fused))
             plan.computed.extend((layer, p) for p in prefixes)
         outs = layer_outs
     act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-    if fused:
-        h = run_fused(net.conv_last, act, stats.norm_stats(plan.leaves, training), training,
-                      net.backend)
-    else:
-        h = run_sequential(net.conv_last, act, stats.batch_norm(plan.leaves, training), conv)
-    h = net.dropout(h.mean((2, 3)))
-    logits = net.classifier(h).view(len(plan.leaves), batch, -1)
-    return logits[torch.tensor(plan.leaf, device=logits.device)]
+    logits = _tail(net, act, plan.leaves, stats, training, fused)
+    return logits.view(len(plan.leaves), batch, -1)[torch.tensor(plan.leaf,
+                                                                  device=logits.device)]
 
 
 def forward_many(net, x: torch.Tensor, archs, *, stats: PathStats | None = None,
