@@ -6,6 +6,8 @@ For every stage of the space, its first layer (stride 2) and its second (stride 
 at those layers:
   dwconv_bn        the main-branch depthwise conv + BN of each Shuffle choice (k = 3, 5, 7)
   pwconv_bn_relu   the first 1x1 conv + BN + ReLU of the Shuffle units
+  shuffle_cat      a stride-1 unit's concat fused with the next unit's channel split
+                   (reference: torch.cat, then the even/odd split, then the concat of the halves)
   block            the whole mixed-choice block of each choice (Shuffle3/5/7, Xception)
 Each entry is timed in training mode (batch statistics, running statistics updated), as
 forward alone ("fwd") and forward + backward ("fwd_bwd"), median of --repeats after a warm-up.
@@ -72,6 +74,8 @@ def workloads(space, batch):
                     dw_seen.add(key)
                     out.append(_dw_entry(mid, h_in, h, choice.kernel, layer.stride, batch))
             out.append(_block_entry(space, layer, choice, batch))
+        if layer.stride == 1:
+            out.append(_shuffle_entry(c_in, layer.out_channels - c_in, h, batch))
         key = (c_in, mid, h_in)
         if key not in pw_seen:
             pw_seen.add(key)
@@ -107,6 +111,17 @@ def _pw_entry(c_in, c_out, h, batch):
     elems = batch * h * h * (c_in + c_out) + c_in * c_out
     return dict(kind="pwconv_bn_relu", name=f"pwconv_bn_relu {c_in}->{c_out} {h}x{h}",
                 make=make, in_shape=(c_in, h), macs=batch * h * h * c_in * c_out, elems=elems)
+
+
+def _shuffle_entry(c_a, c_b, h, batch):
+    def make(dtype, device, rows):
+        def fn(backend, x):  # a, b: channel ranges of x (as the previous unit's output)
+            a, b = x.split([c_a, c_b], 1)
+            return ops.shuffle_cat(a, b, backend=backend)
+
+        return fn, []
+    return dict(kind="shuffle_cat", name=f"shuffle_cat {c_a}+{c_b} {h}x{h}", make=make,
+                in_shape=(c_a + c_b, h), macs=0, elems=2 * batch * (c_a + c_b) * h * h)
 
 
 def _block_entry(space, layer, choice, batch):
@@ -208,7 +223,8 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--backends", nargs="+", default=None,
                         help="default: every backend usable on the device")
-    parser.add_argument("--kinds", nargs="+", default=["dwconv_bn", "pwconv_bn_relu", "block"])
+    parser.add_argument("--kinds", nargs="+",
+                        default=["dwconv_bn", "pwconv_bn_relu", "shuffle_cat", "block"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)

@@ -23,6 +23,16 @@ TORCH_LIBRARY(fastshift, m) {
   // Inverse of channel_split (and its backward): (even, odd) [B, C/2, H, W] -> [B, C, H, W]
   // with out[:, 0::2] = even and out[:, 1::2] = odd.
   m.def("channel_interleave(Tensor even, Tensor odd) -> Tensor");
+  // The channel split of the next ShuffleNetV2 unit fused into this unit's concat: with
+  // t = cat(a, b) along channels (a [B, Ca, H, W], b [B, Cb, H, W], Ca + Cb = C even),
+  // out[:, :C/2] = t[:, 0::2] and out[:, C/2:] = t[:, 1::2], i.e. cat(channel_split(t)), so the
+  // next unit's two halves are the contiguous channel ranges of out (no split copy).
+  // Inputs may be strided (e.g. channel slices); out is channels-last when a is.
+  m.def("shuffle_cat(Tensor a, Tensor b) -> Tensor");
+  // Backward of shuffle_cat (and its inverse): grad [B, C, H, W] -> (grad_a, grad_b) with
+  // t = channel_interleave(grad[:, :C/2], grad[:, C/2:]), grad_a = t[:, :split],
+  // grad_b = t[:, split:].
+  m.def("shuffle_cat_backward(Tensor grad, int split) -> (Tensor, Tensor)");
   // Depthwise conv (k x k, odd k, stride 1 or 2, padding k / 2, no bias) + BatchNorm without
   // affine, over `groups` equal row groups of x [R, C, H, W] with their own statistics.
   // training: batch statistics per group, returned as mean/var [G, C] (var biased);

@@ -22,11 +22,46 @@ inline void check_channel_interleave(const at::Tensor& even, const at::Tensor& o
               "channel_interleave: even and odd must be on the same device");
 }
 
+inline void check_shuffle_cat(const at::Tensor& a, const at::Tensor& b) {
+  TORCH_CHECK(a.dim() == 4 && b.dim() == 4, "shuffle_cat: a and b must be 4-D [B, C, H, W], got ",
+              a.dim(), "-D and ", b.dim(), "-D");
+  TORCH_CHECK(a.size(0) == b.size(0) && a.size(2) == b.size(2) && a.size(3) == b.size(3),
+              "shuffle_cat: a and b must agree in batch and spatial sizes, got ", a.sizes(),
+              " and ", b.sizes());
+  TORCH_CHECK((a.size(1) + b.size(1)) % 2 == 0,
+              "shuffle_cat: the channel count of cat(a, b) must be even, got ",
+              a.size(1) + b.size(1));
+  TORCH_CHECK(a.scalar_type() == b.scalar_type(), "shuffle_cat: a and b must have the same dtype");
+  TORCH_CHECK(a.device() == b.device(), "shuffle_cat: a and b must be on the same device");
+}
+
+inline void check_shuffle_cat_backward(const at::Tensor& grad, int64_t split) {
+  TORCH_CHECK(grad.dim() == 4, "shuffle_cat_backward: grad must be 4-D, got ", grad.dim(), "-D");
+  TORCH_CHECK(grad.size(1) % 2 == 0,
+              "shuffle_cat_backward: the channel count of grad must be even, got ", grad.size(1));
+  TORCH_CHECK(split >= 0 && split <= grad.size(1), "shuffle_cat_backward: split must be in [0, ",
+              grad.size(1), "], got ", split);
+}
+
+// Position in shuffle_cat's output of channel c of t = cat(a, b) (C channels): even channels
+// fill the first half, odd ones the second.
+#if defined(__CUDACC__)
+__host__ __device__
+#endif
+inline int64_t shuffled_position(int64_t c, int64_t C) {
+  return (c & 1) ? C / 2 + c / 2 : c / 2;
+}
+
 // The layout of the channel shuffle ops' outputs: channels-last when the (first) input is
 // channels-last-like (the fused block path), else contiguous NCHW. The fake kernels in
 // fastshift/ops/_registry.py follow the same rule (suggest_memory_format).
 inline bool rows_last_layout(const at::Tensor& t) {
   return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
+}
+
+// shuffle_cat's output layout: that of a (of b when a has no channels).
+inline bool shuffle_cat_rows_last(const at::Tensor& a, const at::Tensor& b) {
+  return rows_last_layout(a.size(1) > 0 ? a : b);
 }
 
 }  // namespace fastshift

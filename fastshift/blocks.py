@@ -14,7 +14,7 @@ from . import ops
 from .space import Choice, LayerSpec
 
 __all__ = ["ShuffleUnit", "XceptionUnit", "build_block", "run_sequential", "run_fused",
-           "module_stats", "uses_fused"]
+           "module_stats", "uses_fused", "split_ready", "run_units_fused"]
 
 
 def _dw(channels: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -158,18 +158,58 @@ class _Unit(nn.Module):
                           run_sequential(self.branch_main, x, batch_norm, conv)), 1)
 
 
-    def forward_fused(self, x: torch.Tensor, norm_stats, training: bool) -> torch.Tensor:
+    def forward_fused(self, x: torch.Tensor, norm_stats, training: bool, *,
+                      shuffled_in: bool = False, shuffle_out: bool = False) -> torch.Tensor:
         """``forward`` (or ``forward_grouped``) through the fused ops (:func:`run_fused`),
-        channels-last (the compiled channel split keeps that layout)."""
+        channels-last.
+
+        ``shuffled_in`` (stride 1 only): x is split-ready, the layout of ``ops.shuffle_cat``
+        (``cat(channel_split(x))``: even channels, then odd), so the split is two channel
+        ranges, read in place. ``shuffle_out``: return the output split-ready for a following
+        stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in one copy).
+        Without both flags x and the result are in the modules' channel order; with them the
+        values are the same channels permuted (``split_ready`` says where each applies).
+        """
         if self.stride == 1:
-            x_proj, x_main = ops.channel_split(x, backend=self.backend)
-            main = run_fused(self.branch_main, x_main, norm_stats, training, self.backend)
-            out = torch.cat((x_proj, main), 1)
+            if shuffled_in:
+                # the halves are channel ranges: x_proj is read in place by shuffle_cat, x_main
+                # is made dense for the branch (a strided matmul operand measured slower than
+                # this copy plus a dense one); one SplitBackward joins both halves' gradients
+                x_proj, x_main = x.split(x.shape[1] // 2, 1)
+                x_main = x_main.contiguous(memory_format=torch.channels_last)
+            else:
+                x_proj, x_main = ops.channel_split(x, backend=self.backend)
+            a = x_proj
+            b = run_fused(self.branch_main, x_main, norm_stats, training, self.backend)
         else:
-            out = torch.cat((run_fused(self.branch_proj, x, norm_stats, training, self.backend),
-                             run_fused(self.branch_main, x, norm_stats, training, self.backend)),
-                            1)
-        return out.contiguous(memory_format=torch.channels_last)
+            if shuffled_in:
+                raise ValueError("a stride-2 unit takes its input in channel order, not "
+                                 "split-ready (see blocks.split_ready)")
+            a = run_fused(self.branch_proj, x, norm_stats, training, self.backend)
+            b = run_fused(self.branch_main, x, norm_stats, training, self.backend)
+        if shuffle_out:
+            return ops.shuffle_cat(a, b, backend=self.backend)
+        return torch.cat((a, b), 1).contiguous(memory_format=torch.channels_last)
+
+
+def split_ready(strides) -> list[tuple[bool, bool]]:
+    """``(shuffled_in, shuffle_out)`` of ``forward_fused`` for each unit of a chain with these
+    strides: a unit hands a split-ready output (``ops.shuffle_cat``) to a following stride-1
+    unit, which reads it in place; the first unit takes the stem's output and the last one
+    returns channel order, as does a unit followed by a stride-2 unit."""
+    strides = list(strides)
+    return [(i > 0 and s == 1, i + 1 < len(strides) and strides[i + 1] == 1)
+            for i, s in enumerate(strides)]
+
+
+def run_units_fused(units, x: torch.Tensor, norm_stats, training: bool) -> torch.Tensor:
+    """``x`` through the chain ``units`` by ``forward_fused``, split-ready between units
+    (:func:`split_ready`); in and out in channel order, equal to applying each unit in turn."""
+    units = list(units)
+    for unit, (shuffled_in, shuffle_out) in zip(units, split_ready(u.stride for u in units)):
+        x = unit.forward_fused(x, norm_stats, training, shuffled_in=shuffled_in,
+                               shuffle_out=shuffle_out)
+    return x
 
 
 class ShuffleUnit(_Unit):

@@ -254,7 +254,9 @@ def _block(net, layer: int, choice: int, x: torch.Tensor, prefixes, stats: PathS
     """Choice ``choice`` of ``layer`` on the stacked rows of ``prefixes`` (one row group each)."""
     block = net.features[layer][choice]
     if fused:
-        return block.forward_fused(x, stats.norm_stats(prefixes, training), training)
+        shuffled_in, shuffle_out = net.unit_layouts[layer]
+        return block.forward_fused(x, stats.norm_stats(prefixes, training), training,
+                                   shuffled_in=shuffled_in, shuffle_out=shuffle_out)
     return block.forward_grouped(x, stats.batch_norm(prefixes, training), conv_channels_last)
 
 

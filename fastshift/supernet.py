@@ -17,7 +17,15 @@ import copy
 import torch
 from torch import nn
 
-from .blocks import build_block, module_stats, run_fused, run_sequential, uses_fused
+from .blocks import (
+    build_block,
+    module_stats,
+    run_fused,
+    run_sequential,
+    run_units_fused,
+    split_ready,
+    uses_fused,
+)
 from .checkpoint import check_state_dict, normalize_state_dict
 from .engine import PathStats, forward_many
 from .space import Arch, SearchSpace
@@ -118,6 +126,8 @@ class Supernet(_Classify):
         self.conv_last = _tail(space)
         self.dropout = nn.Dropout(space.dropout)
         self.classifier = _head(space.last_channels, num_classes)
+        # per layer (shuffled_in, shuffle_out) of the fused units (blocks.split_ready)
+        self.unit_layouts = split_ready(layer.stride for layer in space.layers)
         self._initialize_weights(generator)
 
     def _initialize_weights(self, generator):
@@ -139,7 +149,10 @@ class Supernet(_Classify):
         """
         arch = self.space.validate(arch)
         self._check_input(x)
-        if batch_norm is None:
+        if batch_norm is None and uses_fused(self.backend, x):
+            units = [choices[gene] for choices, gene in zip(self.features, arch)]
+            x = run_units_fused(units, self.first_conv(x), module_stats, self.training)
+        elif batch_norm is None:
             x = self.first_conv(x)
             for choices, gene in zip(self.features, arch):
                 x = choices[gene](x)
@@ -194,4 +207,7 @@ class Subnet(_Classify):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
+        if uses_fused(self.backend, x):
+            return self._classify(run_units_fused(self.features, self.first_conv(x),
+                                                  module_stats, self.training))
         return self._classify(self.features(self.first_conv(x)))

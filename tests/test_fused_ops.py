@@ -66,6 +66,9 @@ def _input(shape, dtype, device, layout):
     r, c, h, w = shape
     if layout == "noncontiguous":  # every other channel of a wider tensor
         x = torch.randn(r, 2 * c, h, w, dtype=torch.float64)[:, 1::2]
+    elif layout == "channel_range":  # second half of a split-ready (shuffle_cat) tensor
+        x = torch.randn(r, 2 * c + 1, h, w, dtype=torch.float64)
+        x = x.contiguous(memory_format=torch.channels_last)[:, c + 1:]
     else:
         x = torch.randn(r, c, h, w, dtype=torch.float64)
         if layout == "channels_last":
@@ -111,7 +114,8 @@ def _check_against_reference(op, backend, x, weight, extra, groups, dtype, devic
 @needs_c
 @pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(DW_SHAPES)))
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous",
+                                    "channel_range"])
 def test_dwconv_bn_matches_reference(backend, device, dtype, shape, training, layout):
     if dtype in LOW_PRECISION:
         pytest.skip("float16/bfloat16 are checked against float64 by test_low_precision_error")
@@ -127,7 +131,8 @@ def test_dwconv_bn_matches_reference(backend, device, dtype, shape, training, la
 @needs_c
 @pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(PW_SHAPES)))
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous"])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous",
+                                    "channel_range"])
 def test_pwconv_bn_relu_matches_reference(backend, device, dtype, shape, training, layout):
     if dtype in LOW_PRECISION:
         pytest.skip("float16/bfloat16 are checked against float64 by test_low_precision_error")
@@ -354,3 +359,55 @@ def test_engine_fused_path_equals_reference(backend, device):
     for key in s0:
         for a, b in zip(s0[key], s1[key]):
             _assert_close(b, a, torch.float64, f"statistics {key}")
+
+
+def test_split_ready_layouts():
+    """Split-ready hand-over exactly between a unit and a following stride-1 unit."""
+    from fastshift.blocks import split_ready
+
+    assert split_ready([2, 1, 1, 2, 1]) == [(False, True), (True, True), (True, False),
+                                            (False, True), (True, False)]
+    assert split_ready([1, 1]) == [(False, True), (True, False)]
+    assert split_ready([2]) == [(False, False)]
+    net = fastshift.Supernet(fastshift.spaces.spos_shufflenetv2(), backend="reference")
+    assert net.unit_layouts == split_ready(layer.stride for layer in net.space.layers)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", NETWORK_PAIRS)
+@pytest.mark.parametrize("training", [True, False])
+def test_unit_chain_split_ready_equals_reference(backend, device, training):
+    """A chain stride 2 -> 1 -> 1 -> 1 of mixed units through run_units_fused (shuffle_cat
+    between units, halves read in place) equals the units applied one by one on the reference
+    backend: output, input gradient, weight gradients and running statistics (float64)."""
+    from fastshift.blocks import ShuffleUnit, XceptionUnit, module_stats, run_units_fused
+
+    def chain(be):
+        torch.manual_seed(0)
+        units = torch.nn.ModuleList([
+            ShuffleUnit(6, 16, 8, kernel=3, stride=2, backend=be),
+            XceptionUnit(8, 16, 8, stride=1, backend=be),
+            ShuffleUnit(8, 16, 8, kernel=7, stride=1, backend=be),
+            ShuffleUnit(8, 16, 8, kernel=5, stride=1, backend=be)]).double()
+        for m in units.modules():  # non-trivial running statistics for eval mode
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+        return units.train(training)
+
+    ref_units, units = chain("reference"), chain(backend)
+    x = torch.randn(3, 6, 9, 9, dtype=torch.float64)
+    x_ref = x.clone().requires_grad_(True)
+    x_fused = x.clone().requires_grad_(True)
+    y_ref = x_ref
+    for unit in ref_units:
+        y_ref = unit(y_ref)
+    y = run_units_fused(units, x_fused, module_stats, training)
+    _assert_close(y, y_ref, torch.float64, "output")
+    g = torch.randn_like(y_ref)
+    grads_ref = torch.autograd.grad(y_ref, [x_ref, *ref_units.parameters()], g)
+    grads = torch.autograd.grad(y, [x_fused, *units.parameters()], g)
+    for (name, _), a, b in zip([("x", None), *ref_units.named_parameters()], grads_ref, grads):
+        _assert_close(b, a, torch.float64, f"grad {name}")
+    for (name, a), b in zip(ref_units.named_buffers(), units.buffers()):
+        _assert_close(b.double(), a.double(), torch.float64, f"buffer {name}")

@@ -141,6 +141,108 @@ def test_op_errors_are_clear(device):
                                                torch.zeros(1, 3, 2, 2, device=device))
 
 
+# (a channels, b channels, N, H, W): equal halves as in a unit, odd splits, an empty side,
+# batch 1, empty batch, 1x1 maps
+SHUFFLE_CAT_SHAPES = [(4, 4, 2, 3, 3), (3, 5, 1, 5, 7), (5, 1, 2, 2, 3), (0, 6, 2, 3, 3),
+                      (6, 0, 1, 2, 2), (4, 4, 0, 4, 4), (7, 3, 3, 1, 1), (34, 34, 2, 4, 4)]
+
+
+def _shuffle_inputs(device, dtype, ca, cb, n, h, w, layout):
+    """a, b in one of the layouts the fused path hands shuffle_cat: contiguous NCHW,
+    channels-last, or channel ranges of a wider channels-last tensor (the split-ready input)."""
+    def make(c):
+        t = torch.randn(n, c, h, w, dtype=torch.float64).to(device, dtype)
+        if layout == "channels_last":
+            return t.contiguous(memory_format=torch.channels_last)
+        return t
+    if layout == "slices":
+        wide = torch.randn(n, ca + cb + 3, h, w, dtype=torch.float64).to(device, dtype)
+        wide = wide.contiguous(memory_format=torch.channels_last)
+        return wide[:, 1:1 + ca], wide[:, 1 + ca:1 + ca + cb]
+    return make(ca), make(cb)
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHUFFLE_CAT_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slices"])
+def test_shuffle_cat_matches_reference(device, dtype, shape, layout):
+    """shuffle_cat = cat(channel_split(cat(a, b))) exactly, values and gradients, and its
+    output's halves are the next unit's channel_split; the layout follows a."""
+    a, b = _shuffle_inputs(device, dtype, *shape, layout)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    out = ops.shuffle_cat(a, b, backend=device)
+    ref = reference.shuffle_cat(a, b)
+    torch.testing.assert_close(out, ref, **TOL[dtype])
+    c = shape[0] + shape[1]
+    even, odd = reference.channel_split(torch.cat((a, b), 1))
+    torch.testing.assert_close(out[:, :c // 2], even, **TOL[dtype])
+    torch.testing.assert_close(out[:, c // 2:], odd, **TOL[dtype])
+    if layout != "contiguous" and out.numel():
+        assert out.is_contiguous(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        assert out.is_contiguous()
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (a, b), g),
+                               torch.autograd.grad(ref, (a, b), g), **TOL[dtype])
+    # non-contiguous gradient (a channel range of a wider tensor)
+    g = torch.randn(out.shape[0], c + 2, *out.shape[2:], dtype=dtype, device=device)[:, 1:1 + c]
+    torch.testing.assert_close(torch.autograd.grad(out, (a, b), g),
+                               torch.autograd.grad(ref, (a, b), g), **TOL[dtype])
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_shuffle_cat_gradcheck_opcheck(device):
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    a, b = torch.randn(2, 3, 3, 5, **kw), torch.randn(2, 5, 3, 5, **kw)
+    assert torch.autograd.gradcheck(torch.ops.fastshift.shuffle_cat, (a, b))
+    assert torch.autograd.gradgradcheck(torch.ops.fastshift.shuffle_cat, (a, b))
+    g = torch.randn(2, 8, 3, 5, **kw)
+    assert torch.autograd.gradcheck(lambda t: torch.ops.fastshift.shuffle_cat_backward(t, 3),
+                                    (g,))
+    cl = torch.channels_last
+    for a, b in ((torch.randn(2, 4, 3, 3, device=device, requires_grad=True),
+                  torch.randn(2, 6, 3, 3, device=device, requires_grad=True)),
+                 (torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+                  .requires_grad_(True),
+                  torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+                  .requires_grad_(True))):
+        torch.library.opcheck(torch.ops.fastshift.shuffle_cat.default, (a, b))
+        grad = torch.randn(2, a.shape[1] + b.shape[1], 3, 3, device=device)
+        torch.library.opcheck(torch.ops.fastshift.shuffle_cat_backward.default,
+                              (grad.contiguous(memory_format=torch.channels_last), a.shape[1]))
+
+
+@needs_c
+def test_shuffle_cat_compile_parity():
+    def f(a, b):
+        out = torch.ops.fastshift.shuffle_cat(a, b)
+        return (out[:, 4:] * 2 + out[:, :4]).sum(1)
+
+    a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(a, b), f(a, b))
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_shuffle_cat_errors_are_clear(device):
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match="channel count of cat\\(a, b\\) must be even"):
+        torch.ops.fastshift.shuffle_cat(z(1, 3, 2, 2, device=device), z(1, 2, 2, 2, device=device))
+    with pytest.raises(RuntimeError, match="agree in batch and spatial sizes"):
+        torch.ops.fastshift.shuffle_cat(z(1, 2, 2, 2, device=device), z(1, 2, 3, 2, device=device))
+    with pytest.raises(RuntimeError, match="must be 4-D"):
+        torch.ops.fastshift.shuffle_cat(z(2, 2, 2, device=device), z(1, 2, 2, 2, device=device))
+    with pytest.raises(RuntimeError, match="split must be in"):
+        torch.ops.fastshift.shuffle_cat_backward(z(1, 4, 2, 2, device=device), 5)
+    with pytest.raises(ValueError, match="must be even"):
+        reference.shuffle_cat(z(1, 3, 2, 2), z(1, 2, 2, 2))
+
+
 def test_backend_choice(monkeypatch):
     assert ops.resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="unknown fastshift backend 'fast'"):

@@ -26,13 +26,7 @@
 #include <vector>
 
 #include "../block_checks.h"
-
-// AVX2/FMA clones of the hot loops with a generic fallback, chosen at load time.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-#define FASTSHIFT_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default"), flatten))
-#else
-#define FASTSHIFT_MULTIVERSION
-#endif
+#include "multiversion.h"
 
 namespace fastshift {
 namespace {

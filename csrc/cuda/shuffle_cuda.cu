@@ -1,4 +1,5 @@
 // CUDA bodies of the channel shuffle ops: one thread per element, vector-free grid-stride copy.
+// (channel_split / channel_interleave below, then shuffle_cat and its backward.)
 //
 // Element (b, c, i) of half tensor p (i indexes the H*W plane) is element (b, 2c + p, i) of the
 // full tensor; the kernel walks the half tensors and gathers/scatters the full one.
@@ -88,9 +89,103 @@ at::Tensor channel_interleave_cuda(const at::Tensor& even_in, const at::Tensor& 
   return out;
 }
 
+// shuffle_cat / shuffle_cat_backward: one thread per element of the "t side", the virtual
+// t = cat(a, b) [N, C, H, W] (channel c: a[c] for c < Ca, else b[c - Ca]), which pairs with
+// element shuffled_position(c) of the "out side". The forward gathers t into out, the backward
+// gathers out (the gradient) into a and b. Threads walk (n, h, w, c) with c fastest when the
+// tensors are channels-last (coalesced channel runs), else (n, c, h, w).
+struct Strides4 {
+  int64_t s[4];
+};
+
+inline Strides4 strides_of(const at::Tensor& t) {
+  return {{t.stride(0), t.stride(1), t.stride(2), t.stride(3)}};
+}
+
+template <typename scalar_t, bool backward>
+__global__ void shuffle_cat_kernel(scalar_t* __restrict__ out, Strides4 os,
+                                   scalar_t* __restrict__ a, Strides4 as,
+                                   scalar_t* __restrict__ b, Strides4 bs, int64_t numel,
+                                   int64_t C, int64_t Ca, int64_t H, int64_t W, bool pixels) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < numel;
+       idx += (int64_t)blockDim.x * gridDim.x) {
+    int64_t n, c, h, w;
+    if (pixels) {
+      c = idx % C;
+      const int64_t p = idx / C;
+      w = p % W;
+      h = (p / W) % H;
+      n = p / (W * H);
+    } else {
+      w = idx % W;
+      h = (idx / W) % H;
+      c = (idx / (W * H)) % C;
+      n = idx / (W * H * C);
+    }
+    const int64_t j = shuffled_position(c, C);
+    const int64_t o = n * os.s[0] + j * os.s[1] + h * os.s[2] + w * os.s[3];
+    scalar_t* t = c < Ca ? a + n * as.s[0] + c * as.s[1] + h * as.s[2] + w * as.s[3]
+                         : b + n * bs.s[0] + (c - Ca) * bs.s[1] + h * bs.s[2] + w * bs.s[3];
+    if (backward) {
+      *t = out[o];
+    } else {
+      out[o] = *t;
+    }
+  }
+}
+
+template <bool backward>
+void launch_shuffle_cat(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                        bool pixels) {
+  const int64_t C = out.size(1), Ca = a.size(1), H = out.size(2), W = out.size(3);
+  const int64_t numel = out.numel();
+  if (numel == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65535 * 8);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "shuffle_cat",
+                                  [&] {
+                                    shuffle_cat_kernel<scalar_t, backward>
+                                        <<<blocks, threads, 0, stream>>>(
+                                            out.data_ptr<scalar_t>(), strides_of(out),
+                                            a.data_ptr<scalar_t>(), strides_of(a),
+                                            b.data_ptr<scalar_t>(), strides_of(b), numel, C, Ca,
+                                            H, W, pixels);
+                                  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor empty_in_layout(const at::Tensor& like, int64_t C, bool pixels) {
+  return at::empty({like.size(0), C, like.size(2), like.size(3)},
+                   like.options().memory_format(pixels ? at::MemoryFormat::ChannelsLast
+                                                       : at::MemoryFormat::Contiguous));
+}
+
+at::Tensor shuffle_cat_cuda(const at::Tensor& a, const at::Tensor& b) {
+  check_shuffle_cat(a, b);
+  const c10::cuda::CUDAGuard guard(a.device());
+  const bool pixels = shuffle_cat_rows_last(a, b);
+  at::Tensor out = empty_in_layout(a, a.size(1) + b.size(1), pixels);
+  launch_shuffle_cat<false>(out, a, b, pixels);
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_cuda(const at::Tensor& grad,
+                                                             int64_t split) {
+  check_shuffle_cat_backward(grad, split);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const bool pixels = rows_last_layout(grad);
+  at::Tensor ga = empty_in_layout(grad, split, pixels);
+  at::Tensor gb = empty_in_layout(grad, grad.size(1) - split, pixels);
+  launch_shuffle_cat<true>(grad, ga, gb, pixels);
+  return {ga, gb};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastshift, CUDA, m) {
+  m.impl("shuffle_cat", &shuffle_cat_cuda);
+  m.impl("shuffle_cat_backward", &shuffle_cat_backward_cuda);
   m.impl("channel_split", &channel_split_cuda);
   m.impl("channel_interleave", &channel_interleave_cuda);
 }

@@ -1,5 +1,6 @@
-// C++ unit test of the channel shuffle ops through the dispatcher, against the ATen formulation
-// of the reference (strided slices and stack). Exits non-zero on the first failure.
+// C++ unit test of the channel shuffle ops (channel_split, channel_interleave, shuffle_cat and
+// its backward) through the dispatcher, against the ATen formulation of the reference (strided
+// slices, stack and cat). Exits non-zero on the first failure.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/torch.h>
@@ -30,9 +31,42 @@ at::Tensor interleave(const at::Tensor& a, const at::Tensor& b) {
   return op.call(a, b);
 }
 
+at::Tensor shuffle_cat(const at::Tensor& a, const at::Tensor& b) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastshift::shuffle_cat", "")
+                       .typed<at::Tensor(const at::Tensor&, const at::Tensor&)>();
+  return op.call(a, b);
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward(const at::Tensor& g, int64_t split) {
+  static auto op = c10::Dispatcher::singleton()
+                       .findSchemaOrThrow("fastshift::shuffle_cat_backward", "")
+                       .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  return op.call(g, split);
+}
+
+// shuffle_cat against cat(t[:, 0::2], t[:, 1::2]) with t = cat(a, b), and its backward as the
+// inverse permutation, for NCHW and channels-last inputs and an odd split.
+void check_shuffle_cat(int64_t ca, int64_t cb, at::MemoryFormat fmt, const char* what) {
+  using at::indexing::None;
+  using at::indexing::Slice;
+  at::Tensor a = at::randn({3, ca, 4, 5}).contiguous(fmt);
+  at::Tensor b = at::randn({3, cb, 4, 5}).contiguous(fmt);
+  at::Tensor t = at::cat({a, b}, 1);
+  at::Tensor want = at::cat({t.index({Slice(), Slice(0, None, 2)}),
+                             t.index({Slice(), Slice(1, None, 2)})}, 1);
+  at::Tensor out = shuffle_cat(a, b);
+  expect(at::equal(out, want), what);
+  auto [ga, gb] = shuffle_cat_backward(out, ca);
+  expect(at::equal(ga, a) && at::equal(gb, b), "shuffle_cat_backward inverts shuffle_cat");
+}
+
 }  // namespace
 
 int main() {
+  check_shuffle_cat(4, 4, at::MemoryFormat::Contiguous, "shuffle_cat NCHW");
+  check_shuffle_cat(4, 4, at::MemoryFormat::ChannelsLast, "shuffle_cat channels-last");
+  check_shuffle_cat(3, 5, at::MemoryFormat::ChannelsLast, "shuffle_cat odd split");
   for (auto dtype : {at::kFloat, at::kDouble}) {
     for (auto shape : {std::vector<int64_t>{2, 6, 5, 3}, std::vector<int64_t>{1, 2, 1, 1},
                        std::vector<int64_t>{0, 4, 2, 2}}) {

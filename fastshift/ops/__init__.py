@@ -27,8 +27,8 @@ from ._registry import BUILD_ERROR, HAVE_C, cuda_built
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
-           "channel_interleave", "dwconv_bn", "pwconv_bn_relu", "reference", "HAVE_C",
-           "BUILD_ERROR", "cuda_built", "triton_usable", "tune_cpu_allocator"]
+           "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "reference",
+           "HAVE_C", "BUILD_ERROR", "cuda_built", "triton_usable", "tune_cpu_allocator"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 REBUILD = "pip install --no-build-isolation -e .  (or: bash scripts/install.sh)"
@@ -112,6 +112,21 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor, backend: str | Non
     if resolve_backend(backend, even.device) == "reference":
         return reference.channel_interleave(even, odd)
     return torch.ops.fastshift.channel_interleave(even, odd)
+
+
+def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """``cat((a, b), 1)`` already split for the next ShuffleNetV2 unit: ``out [B, Ca+Cb, H, W]``
+    with ``out[:, :C/2] = t[:, 0::2]``, ``out[:, C/2:] = t[:, 1::2]`` (``t = cat((a, b), 1)``).
+
+    One copy where ``cat`` then ``channel_split`` make two. ``a``/``b`` may be strided
+    (channel slices); compiled backends return channels-last when ``a`` is channels-last-like
+    (``b`` when ``a`` has no channels), and are differentiable (the backward is
+    ``shuffle_cat_backward``). The ``triton`` backend runs the compiled body of the tensor's
+    device, as for ``channel_split``. Equivalent to ``reference.shuffle_cat``.
+    """
+    if resolve_backend(backend, a.device) == "reference":
+        return reference.shuffle_cat(a, b)
+    return torch.ops.fastshift.shuffle_cat(a, b)
 
 
 def _stats_args(x, channels, groups, running_mean, running_var, training, op):

@@ -46,6 +46,42 @@ if HAVE_C:
     def _channel_interleave_backward(ctx, grad):
         return torch.ops.fastshift.channel_split(grad)
 
+    @torch.library.register_fake("fastshift::shuffle_cat")
+    def _shuffle_cat_fake(a, b):
+        torch._check(a.dim() == 4 and b.dim() == 4, lambda: "shuffle_cat: a and b must be 4-D")
+        torch._check((a.shape[1] + b.shape[1]) % 2 == 0,
+                     lambda: "shuffle_cat: channel count must be even")
+        return torch.empty((a.shape[0], a.shape[1] + b.shape[1], a.shape[2], a.shape[3]),
+                           dtype=a.dtype, device=a.device,
+                           memory_format=suggest_memory_format(a if a.shape[1] else b))
+
+    @torch.library.register_fake("fastshift::shuffle_cat_backward")
+    def _shuffle_cat_backward_fake(grad, split):
+        torch._check(grad.dim() == 4, lambda: "shuffle_cat_backward: grad must be 4-D")
+        n, c, h, w = grad.shape
+        fmt = suggest_memory_format(grad)
+        return (torch.empty((n, split, h, w), dtype=grad.dtype, device=grad.device,
+                            memory_format=fmt),
+                torch.empty((n, c - split, h, w), dtype=grad.dtype, device=grad.device,
+                            memory_format=fmt))
+
+    def _shuffle_cat_setup(ctx, inputs, output):
+        ctx.split = inputs[0].shape[1]
+
+    def _shuffle_cat_grad(ctx, grad):
+        return tuple(torch.ops.fastshift.shuffle_cat_backward(grad, ctx.split))
+
+    def _shuffle_cat_backward_setup(ctx, inputs, output):
+        pass
+
+    def _shuffle_cat_backward_grad(ctx, grad_a, grad_b):
+        # the backward is a permutation: its own backward is the forward
+        return torch.ops.fastshift.shuffle_cat(grad_a, grad_b), None
+
+    torch.library.register_autograd("fastshift::shuffle_cat", _shuffle_cat_grad,
+                                    setup_context=_shuffle_cat_setup)
+    torch.library.register_autograd("fastshift::shuffle_cat_backward", _shuffle_cat_backward_grad,
+                                    setup_context=_shuffle_cat_backward_setup)
     torch.library.register_autograd("fastshift::channel_split", _channel_split_backward)
     torch.library.register_autograd("fastshift::channel_interleave", _channel_interleave_backward)
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["channel_split", "channel_interleave", "grouped_batch_norm", "dwconv_bn",
+__all__ = ["channel_split", "channel_interleave", "shuffle_cat", "grouped_batch_norm", "dwconv_bn",
            "pwconv_bn_relu", "update_running_stats"]
 
 
@@ -36,6 +36,21 @@ def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
         )
     b, c, h, w = even.shape
     return torch.stack((even, odd), dim=2).reshape(b, 2 * c, h, w)
+
+
+def shuffle_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """A ShuffleNetV2 unit's concat followed by the next unit's channel split, laid out as one
+    tensor: with ``t = cat((a, b), 1)`` (``a [B, Ca, H, W]``, ``b [B, Cb, H, W]``, ``C = Ca + Cb``
+    even), returns ``cat(channel_split(t), 1)``, i.e. ``out[:, :C/2] = t[:, 0::2]`` and
+    ``out[:, C/2:] = t[:, 1::2]``. The next unit's two halves are then the channel ranges
+    ``out[:, :C/2]`` and ``out[:, C/2:]``."""
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(f"shuffle_cat: a and b must be 4-D, got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if (a.shape[1] + b.shape[1]) % 2:
+        raise ValueError("shuffle_cat: the channel count of cat(a, b) must be even, got "
+                         f"{a.shape[1] + b.shape[1]}")
+    return torch.cat(channel_split(torch.cat((a, b), 1)), 1)
 
 
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
