@@ -53,6 +53,12 @@ def _head(in_features: int, num_classes: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_features, num_classes, bias=False))
 
 
+def _rows_last(x: torch.Tensor) -> torch.Tensor:
+    """The fused path's input layout: channels-last, so that the stem hands the first unit
+    channels-last activations (the fused ops would otherwise copy them, and again in backward)."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class _Classify(nn.Module):
     """Shared tail of Supernet and Subnet: conv_last, global pool, dropout, classifier."""
 
@@ -151,7 +157,8 @@ class Supernet(_Classify):
         self._check_input(x)
         if batch_norm is None and uses_fused(self.backend, x):
             units = [choices[gene] for choices, gene in zip(self.features, arch)]
-            x = run_units_fused(units, self.first_conv(x), module_stats, self.training)
+            x = run_units_fused(units, self.first_conv(_rows_last(x)), module_stats,
+                                self.training)
         elif batch_norm is None:
             x = self.first_conv(x)
             for choices, gene in zip(self.features, arch):
@@ -208,6 +215,6 @@ class Subnet(_Classify):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if uses_fused(self.backend, x):
-            return self._classify(run_units_fused(self.features, self.first_conv(x),
+            return self._classify(run_units_fused(self.features, self.first_conv(_rows_last(x)),
                                                   module_stats, self.training))
         return self._classify(self.features(self.first_conv(x)))

@@ -128,8 +128,12 @@ if HAVE_C:
             ctx.args = (stride, groups, eps, training)
             ctx.save_for_backward(x, weight, y, var)
             ctx.mark_non_differentiable(output[1], output[2])
+            # no zero-filled gradients for the statistics outputs (nor for y when unused)
+            ctx.set_materialize_grads(False)
 
         def dw_grad(ctx, grad_y, _grad_mean, _grad_var):
+            if grad_y is None:
+                return (None,) * 8
             x, weight, y, var = ctx.saved_tensors
             grad_x, grad_w = dw_backward(grad_y, x, weight, y, var, *ctx.args)
             return grad_x, grad_w, None, None, None, None, None, None
@@ -140,8 +144,12 @@ if HAVE_C:
             ctx.args = (groups, eps, training)
             ctx.save_for_backward(x, weight, y, xhat, var)
             ctx.mark_non_differentiable(output[1], output[2], output[3])
+            # without this every backward zero-fills an xhat-sized gradient it never reads
+            ctx.set_materialize_grads(False)
 
         def pw_grad(ctx, grad_y, _grad_xhat, _grad_mean, _grad_var):
+            if grad_y is None:
+                return (None,) * 7
             x, weight, y, xhat, var = ctx.saved_tensors
             grad_x, grad_w = pw_backward(grad_y, x, weight, y, xhat, var, *ctx.args)
             return grad_x, grad_w, None, None, None, None, None
