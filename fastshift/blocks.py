@@ -165,8 +165,9 @@ class _Unit(nn.Module):
 
         ``shuffled_in`` (stride 1 only): x is split-ready, the layout of ``ops.shuffle_cat``
         (``cat(channel_split(x))``: even channels, then odd), so the split is two channel
-        ranges, read in place. ``shuffle_out``: return the output split-ready for a following
-        stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in one copy).
+        ranges instead of a ``channel_split``. ``shuffle_out``: return the output split-ready
+        for a following stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in
+        one copy).
         Without both flags x and the result are in the modules' channel order; with them the
         values are the same channels permuted (``split_ready`` says where each applies).
         """
