@@ -59,6 +59,13 @@ inline bool rows_last_layout(const at::Tensor& t) {
   return t.suggest_memory_format() == at::MemoryFormat::ChannelsLast;
 }
 
+// A new [N, C, H, W] tensor (N, H, W of like): channels-last when rows_last, else NCHW.
+inline at::Tensor empty_in_layout(const at::Tensor& like, int64_t C, bool rows_last) {
+  return at::empty({like.size(0), C, like.size(2), like.size(3)},
+                   like.options().memory_format(rows_last ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous));
+}
+
 // shuffle_cat's output layout: that of a (of b when a has no channels).
 inline bool shuffle_cat_rows_last(const at::Tensor& a, const at::Tensor& b) {
   return rows_last_layout(a.size(1) > 0 ? a : b);

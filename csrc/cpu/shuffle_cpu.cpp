@@ -1,8 +1,7 @@
 // CPU bodies of the channel shuffle ops (channel_split, channel_interleave, shuffle_cat and its
-// backward): plane or pixel copies spread over at::parallel_for.
-//
-// With x contiguous [B, C, H, W], channel 2c + p of image b is the plane starting at
-// ((b * C) + 2c + p) * H * W; it goes to plane (b * C/2 + c) of output p (p = 0 even, 1 odd).
+// backward), spread over at::parallel_for. Every op is a channel gather described as runs
+// (below); tensors that are pixel rows take a vectorised per-pixel fast path, other
+// channels-last-like tensors a per-pixel strided copy, planar ones whole-plane copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -17,111 +16,8 @@
 namespace fastshift {
 namespace {
 
-// Copies plane pairs: for every (b, c) of the half tensors, plane 2c + p of the full tensor
-// <-> plane c of half tensor p. to_halves selects the direction.
-template <bool to_halves>
-void copy_planes(char* full, char* even, char* odd, int64_t batch, int64_t half_channels,
-                 int64_t plane_bytes) {
-  const int64_t rows = batch * half_channels;
-  at::parallel_for(0, rows, /*grain_size=*/16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      char* f = full + 2 * r * plane_bytes;  // rows are (b, c); 2r = b*C + 2c
-      char* e = even + r * plane_bytes;
-      char* o = odd + r * plane_bytes;
-      if (to_halves) {
-        std::memcpy(e, f, plane_bytes);
-        std::memcpy(o, f + plane_bytes, plane_bytes);
-      } else {
-        std::memcpy(f, e, plane_bytes);
-        std::memcpy(f + plane_bytes, o, plane_bytes);
-      }
-    }
-  });
-}
-
-// Channels-last layout: per pixel, channel 2c + p of the full tensor <-> channel c of half p.
-// Any strides are read (the halves may be views, e.g. slices of a concatenated gradient).
-template <typename T, bool to_halves>
-void shuffle_pixels(T* full, at::IntArrayRef fs, T* even, at::IntArrayRef es, T* odd,
-                    at::IntArrayRef os, int64_t N, int64_t half_channels, int64_t H, int64_t W) {
-  at::parallel_for(0, N * H * W, /*grain_size=*/64, [&](int64_t begin, int64_t end) {
-    for (int64_t p = begin; p < end; ++p) {
-      const int64_t w = p % W, h = (p / W) % H, n = p / (W * H);
-      T* f = full + n * fs[0] + h * fs[2] + w * fs[3];
-      T* e = even + n * es[0] + h * es[2] + w * es[3];
-      T* o = odd + n * os[0] + h * os[2] + w * os[3];
-      for (int64_t c = 0; c < half_channels; ++c) {
-        if (to_halves) {
-          e[c * es[1]] = f[2 * c * fs[1]];
-          o[c * os[1]] = f[(2 * c + 1) * fs[1]];
-        } else {
-          f[2 * c * fs[1]] = e[c * es[1]];
-          f[(2 * c + 1) * fs[1]] = o[c * os[1]];
-        }
-      }
-    }
-  });
-}
-
-template <bool to_halves>
-void shuffle_rows_last(const at::Tensor& full, const at::Tensor& even, const at::Tensor& odd) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "channel_shuffle",
-                                  [&] {
-    shuffle_pixels<scalar_t, to_halves>(full.data_ptr<scalar_t>(), full.strides(),
-                                        even.data_ptr<scalar_t>(), even.strides(),
-                                        odd.data_ptr<scalar_t>(), odd.strides(), even.size(0),
-                                        even.size(1), even.size(2), even.size(3));
-  });
-}
-
-// Defined below with the shuffle_cat kernels: the pixel-rows fast path of every shuffle op.
-bool shuffle_rows(const at::Tensor& s0, const at::Tensor& s1, const at::Tensor& d0,
-                  const at::Tensor& d1, bool deinterleave);
-
-std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x_in) {
-  check_channel_split(x_in);
-  if (rows_last_layout(x_in)) {
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    const auto opts = x_in.options().memory_format(cl);
-    const std::vector<int64_t> sizes{x_in.size(0), x_in.size(1) / 2, x_in.size(2), x_in.size(3)};
-    at::Tensor even = at::empty(sizes, opts), odd = at::empty(sizes, opts);
-    if (x_in.numel() > 0 && !shuffle_rows(x_in, x_in.narrow(1, 0, 0), even, odd, true))
-      shuffle_rows_last<true>(x_in, even, odd);
-    return {even, odd};
-  }
-  const at::Tensor x = x_in.contiguous();
-  const int64_t B = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
-  at::Tensor even = at::empty({B, C / 2, H, W}, x.options());
-  at::Tensor odd = at::empty({B, C / 2, H, W}, x.options());
-  if (x.numel() == 0) return {even, odd};
-  copy_planes<true>(static_cast<char*>(x.data_ptr()), static_cast<char*>(even.data_ptr()),
-                    static_cast<char*>(odd.data_ptr()), B, C / 2, H * W * x.element_size());
-  return {even, odd};
-}
-
-at::Tensor channel_interleave_cpu(const at::Tensor& even_in, const at::Tensor& odd_in) {
-  check_channel_interleave(even_in, odd_in);
-  if (rows_last_layout(even_in)) {
-    at::Tensor out = at::empty({even_in.size(0), 2 * even_in.size(1), even_in.size(2),
-                                even_in.size(3)},
-                               even_in.options().memory_format(at::MemoryFormat::ChannelsLast));
-    if (out.numel() > 0 && !shuffle_rows(even_in, odd_in, out, out.narrow(1, 0, 0), false))
-      shuffle_rows_last<false>(out, even_in, odd_in);
-    return out;
-  }
-  const at::Tensor even = even_in.contiguous();
-  const at::Tensor odd = odd_in.contiguous();
-  const int64_t B = even.size(0), Ch = even.size(1), H = even.size(2), W = even.size(3);
-  at::Tensor out = at::empty({B, 2 * Ch, H, W}, even.options());
-  if (out.numel() == 0) return out;
-  copy_planes<false>(static_cast<char*>(out.data_ptr()), static_cast<char*>(even.data_ptr()),
-                     static_cast<char*>(odd.data_ptr()), B, Ch, H * W * even.element_size());
-  return out;
-}
-
-// ---------------------------------------------------------------------------------------------
-// shuffle_cat / shuffle_cat_backward: channel gathers described as runs. A run copies `len`
-// channels: dst channel d0 + i * ds <- src channel s0 + i * ss (steps 1 or 2), at every pixel.
+// A run copies `len` channels: dst channel d0 + i * ds <- src channel s0 + i * ss (steps 1 or
+// 2), at every pixel.
 struct Run {
   int dst, src;  // tensor indices
   int64_t d0, ds, s0, ss, len;
@@ -345,13 +241,13 @@ std::vector<Run> shuffle_runs(int64_t Ca, int64_t C, bool backward) {
   const int64_t half = C / 2;
   for (int64_t parity = 0; parity < 2; ++parity) {
     // t channels parity, parity + 2, ...: those below Ca come from a, the rest from b
+    // (C even: `half` channels of each parity)
     const int64_t in_a = Ca > parity ? (Ca - parity + 1) / 2 : 0;  // count of such c < Ca
-    const int64_t total = half;                                       // C even: half per parity
     const int64_t out0 = parity * half;
     if (in_a > 0) runs.push_back({0, 1, out0, 1, parity, 2, in_a});
-    if (total - in_a > 0) {
+    if (half - in_a > 0) {
       const int64_t c0 = parity + 2 * in_a;  // first t channel from b
-      runs.push_back({0, 2, out0 + in_a, 1, c0 - Ca, 2, total - in_a});
+      runs.push_back({0, 2, out0 + in_a, 1, c0 - Ca, 2, half - in_a});
     }
   }
   if (backward)
@@ -363,18 +259,11 @@ std::vector<Run> shuffle_runs(int64_t Ca, int64_t C, bool backward) {
   return runs;
 }
 
-at::Tensor new_like_layout(const at::Tensor& like, int64_t C, bool pixels) {
-  const std::vector<int64_t> sizes{like.size(0), C, like.size(2), like.size(3)};
-  return at::empty(sizes, like.options().memory_format(
-                              pixels ? at::MemoryFormat::ChannelsLast
-                                     : at::MemoryFormat::Contiguous));
-}
-
 at::Tensor shuffle_cat_cpu(const at::Tensor& a, const at::Tensor& b) {
   check_shuffle_cat(a, b);
   const int64_t Ca = a.size(1), C = a.size(1) + b.size(1);
   const bool pixels = shuffle_cat_rows_last(a, b);
-  at::Tensor out = new_like_layout(a, C, pixels);
+  at::Tensor out = empty_in_layout(a, C, pixels);
   if (out.numel() == 0) return out;
   const int64_t h = C / 2;
   if (!(pixels && shuffle_rows(a, b, out.narrow(1, 0, h), out.narrow(1, h, h), true)))
@@ -387,13 +276,39 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_cpu(const at::Tensor& gr
   check_shuffle_cat_backward(grad, split);
   const int64_t C = grad.size(1);
   const bool pixels = rows_last_layout(grad);
-  at::Tensor ga = new_like_layout(grad, split, pixels);
-  at::Tensor gb = new_like_layout(grad, C - split, pixels);
+  at::Tensor ga = empty_in_layout(grad, split, pixels);
+  at::Tensor gb = empty_in_layout(grad, C - split, pixels);
   if (grad.numel() == 0) return {ga, gb};
   const int64_t h = C / 2;
   if (!(pixels && shuffle_rows(grad.narrow(1, 0, h), grad.narrow(1, h, h), ga, gb, false)))
     gather_channels({grad, ga, gb}, shuffle_runs(split, C, true), pixels);
   return {ga, gb};
+}
+
+// channel_split: (even, odd) <- x channels (0, 2, ...) and (1, 3, ...). Tensors: 0 x,
+// 1 even, 2 odd.
+std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x) {
+  check_channel_split(x);
+  const int64_t h = x.size(1) / 2;
+  const bool pixels = rows_last_layout(x);
+  at::Tensor even = empty_in_layout(x, h, pixels), odd = empty_in_layout(x, h, pixels);
+  if (x.numel() == 0) return {even, odd};
+  if (!(pixels && shuffle_rows(x, x.narrow(1, 0, 0), even, odd, true)))
+    gather_channels({x, even, odd}, {{1, 0, 0, 1, 0, 2, h}, {2, 0, 0, 1, 1, 2, h}}, pixels);
+  return {even, odd};
+}
+
+// channel_interleave: out channels (0, 2, ...) <- even, (1, 3, ...) <- odd. Tensors: 0 out,
+// 1 even, 2 odd.
+at::Tensor channel_interleave_cpu(const at::Tensor& even, const at::Tensor& odd) {
+  check_channel_interleave(even, odd);
+  const int64_t h = even.size(1);
+  const bool pixels = rows_last_layout(even);
+  at::Tensor out = empty_in_layout(even, 2 * h, pixels);
+  if (out.numel() == 0) return out;
+  if (!(pixels && shuffle_rows(even, odd, out, out.narrow(1, 0, 0), false)))
+    gather_channels({out, even, odd}, {{0, 1, 0, 2, 0, 1, h}, {0, 2, 1, 2, 0, 1, h}}, pixels);
+  return out;
 }
 
 int64_t cuda_version() {

@@ -155,12 +155,6 @@ void launch_shuffle_cat(const at::Tensor& out, const at::Tensor& a, const at::Te
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor empty_in_layout(const at::Tensor& like, int64_t C, bool pixels) {
-  return at::empty({like.size(0), C, like.size(2), like.size(3)},
-                   like.options().memory_format(pixels ? at::MemoryFormat::ChannelsLast
-                                                       : at::MemoryFormat::Contiguous));
-}
-
 at::Tensor shuffle_cat_cuda(const at::Tensor& a, const at::Tensor& b) {
   check_shuffle_cat(a, b);
   const c10::cuda::CUDAGuard guard(a.device());
