@@ -104,14 +104,14 @@ def channel_split(x: torch.Tensor, backend: str | None = None):
     """
     if resolve_backend(backend, x.device) == "reference":
         return reference.channel_split(x)
-    return torch.ops.fastshift.channel_split(x)
+    return torch.ops.fastshift.channel_split.default(x)
 
 
 def channel_interleave(even: torch.Tensor, odd: torch.Tensor, backend: str | None = None):
     """``(even, odd)`` -> ``out`` with ``out[:, 0::2] = even``, ``out[:, 1::2] = odd``."""
     if resolve_backend(backend, even.device) == "reference":
         return reference.channel_interleave(even, odd)
-    return torch.ops.fastshift.channel_interleave(even, odd)
+    return torch.ops.fastshift.channel_interleave.default(even, odd)
 
 
 def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) -> torch.Tensor:
@@ -126,7 +126,7 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
     """
     if resolve_backend(backend, a.device) == "reference":
         return reference.shuffle_cat(a, b)
-    return torch.ops.fastshift.shuffle_cat(a, b)
+    return torch.ops.fastshift.shuffle_cat.default(a, b)
 
 
 def _stats_args(x, channels, groups, running_mean, running_var, training, op):
@@ -174,7 +174,8 @@ def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
         # pixel (any stride); the cropped taps get zero gradient through the slice.
         off = (k - live) // 2
         weight = weight[:, :, off:off + live, off:off + live]
-    op = torch.ops.fastshift.dwconv_bn_triton if name == "triton" else torch.ops.fastshift.dwconv_bn
+    op = (torch.ops.fastshift.dwconv_bn_triton.default if name == "triton"
+          else torch.ops.fastshift.dwconv_bn.default)
     y, mean, var = op(x, weight, mean_in, var_in, stride, groups, eps, training)
     _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
     return y
@@ -195,8 +196,8 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
                                         training=training, momentum=momentum, eps=eps)
     mean_in, var_in = _stats_args(x, weight.shape[0], groups, running_mean, running_var,
                                   training, "pwconv_bn_relu")
-    op = (torch.ops.fastshift.pwconv_bn_relu_triton if name == "triton"
-          else torch.ops.fastshift.pwconv_bn_relu)
+    op = (torch.ops.fastshift.pwconv_bn_relu_triton.default if name == "triton"
+          else torch.ops.fastshift.pwconv_bn_relu.default)
     y, _, mean, var = op(x, weight, mean_in, var_in, groups, eps, training)
     _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
     return y

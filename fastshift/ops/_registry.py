@@ -41,10 +41,10 @@ if HAVE_C:
                            memory_format=suggest_memory_format(even))
 
     def _channel_split_backward(ctx, grad_even, grad_odd):
-        return torch.ops.fastshift.channel_interleave(grad_even, grad_odd)
+        return torch.ops.fastshift.channel_interleave.default(grad_even, grad_odd)
 
     def _channel_interleave_backward(ctx, grad):
-        return torch.ops.fastshift.channel_split(grad)
+        return torch.ops.fastshift.channel_split.default(grad)
 
     @torch.library.register_fake("fastshift::shuffle_cat")
     def _shuffle_cat_fake(a, b):
@@ -69,14 +69,14 @@ if HAVE_C:
         ctx.split = inputs[0].shape[1]
 
     def _shuffle_cat_grad(ctx, grad):
-        return tuple(torch.ops.fastshift.shuffle_cat_backward(grad, ctx.split))
+        return tuple(torch.ops.fastshift.shuffle_cat_backward.default(grad, ctx.split))
 
     def _shuffle_cat_backward_setup(ctx, inputs, output):
         pass
 
     def _shuffle_cat_backward_grad(ctx, grad_a, grad_b):
         # the backward is a permutation: its own backward is the forward
-        return torch.ops.fastshift.shuffle_cat(grad_a, grad_b), None
+        return torch.ops.fastshift.shuffle_cat.default(grad_a, grad_b), None
 
     torch.library.register_autograd("fastshift::shuffle_cat", _shuffle_cat_grad,
                                     setup_context=_shuffle_cat_setup)
@@ -119,8 +119,8 @@ if HAVE_C:
     # pwconv_bn_relu's xhat) are saved state, not differentiable results. The backward of
     # `<op><suffix>` is the registered op `<op>_backward<suffix>`.
     def _register_block_ops(suffix: str):
-        dw_backward = getattr(torch.ops.fastshift, "dwconv_bn_backward" + suffix)
-        pw_backward = getattr(torch.ops.fastshift, "pwconv_bn_relu_backward" + suffix)
+        dw_backward = getattr(torch.ops.fastshift, "dwconv_bn_backward" + suffix).default
+        pw_backward = getattr(torch.ops.fastshift, "pwconv_bn_relu_backward" + suffix).default
 
         def dw_setup(ctx, inputs, output):
             x, weight, _, _, stride, groups, eps, training = inputs
