@@ -63,9 +63,8 @@ std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
             x_in.slice(1, 1, x_in.size(1), 2).contiguous(cl)};
   }
   const at::Tensor x = x_in.contiguous();
-  const auto sizes = std::vector<int64_t>{x.size(0), x.size(1) / 2, x.size(2), x.size(3)};
-  at::Tensor even = at::empty(sizes, x.options());
-  at::Tensor odd = at::empty(sizes, x.options());
+  at::Tensor even = empty_in_layout(x, x.size(1) / 2, false);
+  at::Tensor odd = empty_in_layout(x, x.size(1) / 2, false);
   launch<true>(x, even, odd);
   return {even, odd};
 }
@@ -74,17 +73,14 @@ at::Tensor channel_interleave_cuda(const at::Tensor& even_in, const at::Tensor& 
   check_channel_interleave(even_in, odd_in);
   const c10::cuda::CUDAGuard guard(even_in.device());
   if (rows_last_layout(even_in)) {
-    at::Tensor out = at::empty({even_in.size(0), 2 * even_in.size(1), even_in.size(2),
-                                even_in.size(3)},
-                               even_in.options().memory_format(at::MemoryFormat::ChannelsLast));
+    at::Tensor out = empty_in_layout(even_in, 2 * even_in.size(1), true);
     out.slice(1, 0, out.size(1), 2).copy_(even_in);
     out.slice(1, 1, out.size(1), 2).copy_(odd_in);
     return out;
   }
   const at::Tensor even = even_in.contiguous();
   const at::Tensor odd = odd_in.contiguous();
-  at::Tensor out =
-      at::empty({even.size(0), 2 * even.size(1), even.size(2), even.size(3)}, even.options());
+  at::Tensor out = empty_in_layout(even, 2 * even.size(1), false);
   launch<false>(out, even, odd);
   return out;
 }
