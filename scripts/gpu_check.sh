@@ -1,0 +1,127 @@
+#!/usr/bin/env bash
+# The GPU checks of the kernels issue in one short call on a machine with an NVIDIA GPU.
+#
+#   OUT=/tmp/gpu bash scripts/gpu_check.sh            # in the repository root's copy there
+#
+# What it does, in order of importance, each step under its own time limit and all of them
+# inside one overall deadline (BUDGET seconds, default 480), so that a step that runs out still
+# leaves every earlier step's log and JSON in $OUT:
+#   env        nvidia-smi, torch / triton / nvcc versions
+#   build      fastshift._C built in place against THAT machine's torch (python setup.py
+#              build_ext --inplace, CUDA required, TORCH_CUDA_ARCH_LIST 9.0 unless set). The
+#              package pins torch 2.14.1 for its own installs; the sources also build against
+#              torch 2.11.0 + triton 3.6.0, the versions seen on the lent GPU machines
+#              (checked on CPU, README "Checks for the GPU made without one").
+#   info       python -m fastshift.info (what is built and usable)
+#   tests_cuda the CUDA bodies against the reference: pytest -k "cuda and not triton"
+#   ops_block  benchmarks/bench_ops.py --kinds block --backends cuda (the 2x cuDNN target)
+#   tests_triton  the Triton kernels compiled for the GPU (TRITON_INTERPRET=0): pytest -k triton
+#   search     benchmarks/bench_search.py --scale gpu on a few candidates
+#   ops_all    benchmarks/bench_ops.py, every op and block, cuda and triton backends
+# A summary table is printed last; summary.txt, every log and every JSON are in $OUT.
+#
+# Environment: OUT (default /tmp/fastshift-gpu-check), PYTHON (default python3), BUDGET,
+# DEVICE (default cuda), OPS_SCALE / SEARCH_SCALE (default gpu), SEARCH_CANDIDATES (4),
+# SEARCH_KS ("4"), SKIP (space-separated step names to leave out), MAX_JOBS (default nproc).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/fastshift-gpu-check}
+mkdir -p "$OUT"
+PY=${PYTHON:-python3}
+BUDGET=${BUDGET:-480}
+DEVICE=${DEVICE:-cuda}
+OPS_SCALE=${OPS_SCALE:-gpu}
+SEARCH_SCALE=${SEARCH_SCALE:-gpu}
+SEARCH_CANDIDATES=${SEARCH_CANDIDATES:-4}
+SEARCH_KS=${SEARCH_KS:-4}
+SKIP=" ${SKIP:-} "
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export TRITON_INTERPRET=${TRITON_INTERPRET:-0}  # compiled Triton, not the CPU interpreter
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
+  export CUDA_HOME=/usr/local/cuda
+fi
+DEADLINE=$(( $(date +%s) + BUDGET ))
+: > "$OUT/summary.txt"
+
+# step NAME LIMIT CMD...: run CMD with its output in $OUT/NAME.log, for at most LIMIT seconds
+# and never past the deadline; one line per step in summary.txt.
+step() {
+  local name=$1 limit=$2 left rc start
+  shift 2
+  case "$SKIP" in *" $name "*) echo "$name skipped" | tee -a "$OUT/summary.txt"; return 0 ;; esac
+  left=$(( DEADLINE - $(date +%s) - 5 ))
+  if [ "$left" -lt 20 ]; then
+    echo "$name not run: deadline reached" | tee -a "$OUT/summary.txt"
+    return 124
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
+  start=$(date +%s)
+  echo "== $name (limit ${limit}s): $*"
+  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
+  tail -n 4 "$OUT/$name.log"
+  return $rc
+}
+
+env_report() {
+  nvidia-smi || true
+  "$PY" -c "import sys, torch; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, 'gpu', torch.cuda.get_device_name(0) if torch.cuda.is_available() else None)"
+  "$PY" -c "import triton; print('triton', triton.__version__)" || true
+  "${CUDA_HOME:-/usr/local/cuda}/bin/nvcc" --version | tail -n 2 || true
+  nproc
+}
+
+export PY
+export -f env_report
+step env 30 bash -c env_report
+if [ "$DEVICE" = cuda ]; then
+  step build 240 env FASTSHIFT_FORCE_CUDA=1 "$PY" setup.py build_ext --inplace || {
+    echo "build failed: nothing else can run"; tail -n 40 "$OUT/build.log"; exit 1; }
+else
+  step build 240 "$PY" setup.py build_ext --inplace || exit 1
+fi
+step info 60 "$PY" -m fastshift.info
+
+XDIST=()
+"$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+step tests_cuda 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+  tests/test_ops.py tests/test_fused_ops.py -k "cuda and not triton" \
+  --junitxml="$OUT/tests_cuda.xml"
+step ops_block 90 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
+  --kinds block --backends "$DEVICE" --repeats 10 --out "$OUT/bench_ops_${OPS_SCALE}_block.json"
+step tests_triton 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
+  tests/test_fused_ops.py -k triton --junitxml="$OUT/tests_triton.xml"
+# shellcheck disable=SC2086  # SEARCH_KS is a list
+step search 150 "$PY" benchmarks/bench_search.py --scale "$SEARCH_SCALE" --device "$DEVICE" \
+  --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 \
+  --out "$OUT/bench_search_${SEARCH_SCALE}.json"
+step ops_all 150 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
+  --repeats 10 --out "$OUT/bench_ops_${OPS_SCALE}.json"
+
+echo "== summary"
+cat "$OUT/summary.txt"
+"$PY" - "$OUT" <<'EOF'
+import glob, json, os, sys
+import xml.etree.ElementTree as ET
+out = sys.argv[1]
+for f in sorted(glob.glob(os.path.join(out, "tests_*.xml"))):
+    s = ET.parse(f).getroot()
+    s = s if s.tag == "testsuite" else s.find("testsuite")
+    print(f"{os.path.basename(f)}: tests {s.get('tests')} failures {s.get('failures')} "
+          f"errors {s.get('errors')} skipped {s.get('skipped')}")
+for f in sorted(glob.glob(os.path.join(out, "bench_ops_*.json"))):
+    d = json.load(open(f))
+    for b, s in d["summary"].items():
+        print(f"{os.path.basename(f)} [{d['device']}] {b} vs reference: block fwd+bwd mean "
+              f"{s['block_fwd_bwd_speedup_mean']:.2f}x, total {s['block_fwd_bwd_speedup_total']:.2f}x,"
+              f" fwd mean {s['block_fwd_speedup_mean']:.2f}x")
+for f in sorted(glob.glob(os.path.join(out, "bench_search_*.json"))):
+    d = json.load(open(f))
+    for mode, m in d["modes"].items():
+        print(f"{os.path.basename(f)} [{d['device']}] {mode}: {m['s_per_candidate']:.3f} s/cand, "
+              f"{m['speedup_vs_reference']:.2f}x reference")
+EOF
