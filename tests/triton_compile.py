@@ -5,10 +5,13 @@ NumPy code; it does not type-check or lower them, so a kernel can pass every int
 and still fail to compile for a GPU. This script closes that gap without a GPU:
 
 1. record: the launchers of ``fastshift.ops.triton`` run on CPU tensors with every kernel
-   replaced by a recorder, so no kernel runs and each launch leaves its specialization (the
-   type of each argument, the value of each ``tl.constexpr``). Cases: both fused ops, forward
-   and backward, training and eval, k = 3/5/7, stride 1/2, float32/float64/float16/bfloat16,
-   over shapes whose channel and width counts reach every block size the launchers pick.
+   replaced by a recorder, so no kernel runs and each launch leaves its specialization as
+   Triton's JIT would make it (each argument's type, alignment / divisibility-by-16 hints and
+   ints equal to 1 compiled in, through Triton's own specialization function; the value of
+   each ``tl.constexpr``), and once more without the pointers' alignment hints, as a view at
+   an unaligned offset is launched. Cases: both fused ops, forward and backward, training
+   and eval, k = 3/5/7, stride 1/2, float32/float64/float16/bfloat16, over shapes whose
+   channel and width counts reach every block size the launchers pick.
 2. compile: specializations go through Triton's own compiler for the target (default
    ``cuda`` sm_90, the H100/H200) down to a cubin, ptxas included, in worker processes (one
    per core): a compiler that crashes (it has: see ``_channel_sums_kernel``) takes down its
@@ -16,12 +19,12 @@ and still fail to compile for a GPU. This script closes that gap without a GPU:
    signal. Where ``cuobjdump`` (shipped with triton) is found, each cubin's registers, stack
    and local memory are read.
 
-By default a covering subset is compiled: per kernel, specializations are picked
-until every pair of values of its ``tl.constexpr`` parameters and argument types seen in the
-recording has been compiled at least
-once (about 95 of the ~680, a minute or two on 2 cores). ``--all`` compiles every one
-(about 15 minutes on 2 cores). Run it in a process where ``TRITON_INTERPRET`` is not 1 (the
-kernels must be JIT functions):
+By default a covering subset is compiled: per kernel, specializations are picked until every
+pair of values of its ``tl.constexpr`` parameters, argument types and hints seen in the
+recording has been compiled at least once (about 340 of the ~2,350, about 3 minutes on 2
+cores with an empty Triton cache). ``--all`` compiles every one (about 40 minutes on 2
+cores). Run it in a process where ``TRITON_INTERPRET`` is not 1 (the kernels must be JIT
+functions):
 
   python tests/triton_compile.py [--all] [--arch 90] [--jobs N] [--json OUT.json]
 
@@ -47,8 +50,6 @@ import tempfile
 import torch
 
 HALF = (torch.float16, torch.bfloat16)
-TYPE_NAMES = {torch.float32: "fp32", torch.float64: "fp64", torch.float16: "fp16",
-              torch.bfloat16: "bf16", torch.int32: "i32", torch.int64: "i64"}
 # the launchers pick block sizes from the channel count (16..64) and the map width (4..16)
 DW_CASES = [(2, c, hw, hw, k, s) for c in (5, 24, 40, 160) for hw in (3, 9, 28)
             for k in (3, 5, 7) for s in (1, 2)]
@@ -74,29 +75,33 @@ class _Recorder:
 
     def _launch(self, *args, **kwargs):
         bound = inspect.Signature(list(self.params.values())).bind(*args, **kwargs)
-        signature, constexprs = {}, {}
+        signature, constexprs, attrs = {}, {}, {}
         for name, param in self.params.items():
             value = bound.arguments[name]
             if "constexpr" in str(param.annotation):
                 signature[name] = "constexpr"
                 constexprs[name] = ({"dtype": value.name} if hasattr(value, "primitive_bitwidth")
                                     else value)
-            else:
-                signature[name] = _arg_type(name, value, self.name)
+                continue
+            kind, key = _specialize(value)
+            signature[name] = kind
+            if kind == "constexpr":  # an int equal to 1: the JIT compiles it in
+                constexprs[name] = value
+            elif key:
+                attrs[name] = key
         self.specs.append({"kernel": self.name, "signature": signature,
-                           "constexprs": constexprs})
+                           "constexprs": constexprs, "attrs": attrs})
 
 
-def _arg_type(name, value, kernel):
-    if isinstance(value, torch.Tensor):
-        return "*" + TYPE_NAMES[value.dtype]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -2**31 <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"{kernel}: argument {name} of type {type(value).__name__} is not handled")
+def _specialize(value):
+    """(type, key) of a runtime argument exactly as Triton's JIT launch specializes it: the
+    type string, and "D" when a pointer is 16-byte aligned or an int divisible by 16 (the
+    ``tt.divisibility`` hint); ints equal to 1 become constexprs. The CPU tensors recorded
+    here have the GPU run's alignment: fresh allocations are aligned on both, and views keep
+    the same offsets."""
+    from triton._C.libtriton import native_specialize_impl
+    from triton.backends.compiler import BaseBackend
+    return native_specialize_impl(BaseBackend, value, False, True, True)
 
 
 @contextlib.contextmanager
@@ -145,6 +150,11 @@ def record():
                 y, xhat, _, _ = t.pwconv_bn_relu(x, wt, mean, var, 1, 1e-5, training)
                 t.pwconv_bn_relu_backward(torch.rand_like(y), x, wt, y, xhat, var, 1, 1e-5,
                                           training)
+    # A view that starts at an unaligned offset (a row slice of an odd-sized map, say) loses
+    # the pointers' alignment hints: each launch is also kept in that form.
+    for spec in list(specs):
+        ptrs = {n for n, kind in spec["signature"].items() if kind.startswith("*")}
+        specs.append(dict(spec, attrs={k: v for k, v in spec["attrs"].items() if k not in ptrs}))
     distinct = {json.dumps(s, sort_keys=True): s for s in specs}
     return names, list(distinct.values())
 
@@ -177,7 +187,8 @@ def covering_subset(specs):
     at least once (crashes come from such pairs: MODE 2 with BLOCK_C >= 32, for one)."""
     def items(spec):
         out = [(name, json.dumps(v, sort_keys=True)) for name, v in spec["constexprs"].items()]
-        return out + [("signature", json.dumps(spec["signature"], sort_keys=True))]
+        return out + [("signature", json.dumps(spec["signature"], sort_keys=True)),
+                      ("attrs", json.dumps(spec["attrs"], sort_keys=True))]
 
     chosen = []
     for kernel in dict.fromkeys(s["kernel"] for s in specs):
@@ -195,16 +206,18 @@ def compile_one(spec, arch=90):
     """Compile one recorded specialization -> result dict (ok, error, resources)."""
     import triton
     import triton.language as tl
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     fn = getattr(_kernels(), spec["kernel"])
     constexprs = {k: (tl.dtype(v["dtype"]) if isinstance(v, dict) else v)
                   for k, v in spec["constexprs"].items()}
+    attrs = {(fn.arg_names.index(k),): BaseBackend.parse_attr(v)
+             for k, v in spec.get("attrs", {}).items()}
     res = dict(spec)
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=spec["signature"],
-                                            constexprs=constexprs),
+                                            constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", arch, 32))
         res["ok"] = True
         res["resources"] = _resources(compiled.asm["cubin"])

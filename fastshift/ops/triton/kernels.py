@@ -164,7 +164,8 @@ def _channel_sums_kernel(a_ptr, b_ptr, shift_ptr, out1_ptr, out2_ptr, pixels_per
             else:
                 # A no-op (masked loads are 0 already), but without it triton 3.8 crashes
                 # (SIGSEGV in make_llir) compiling MODE 2 for sm_90 at BLOCK_C >= 32 with 4
-                # warps; found by tests/triton_compile.py. Triton 3.6 compiles either form.
+                # warps when the pointers carry no alignment hint (views at unaligned
+                # offsets); found by tests/triton_compile.py. Triton 3.6 compiles either form.
                 av = tl.where(m, av, 0.0)
             acc1 += av
             acc2 += av * bv
