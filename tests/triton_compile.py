@@ -10,8 +10,8 @@ and still fail to compile for a GPU. This script closes that gap without a GPU:
    ints equal to 1 compiled in, through Triton's own specialization function; the value of
    each ``tl.constexpr``), and once more without the pointers' alignment hints, as a view at
    an unaligned offset is launched. Cases: both fused ops, forward and backward, training
-   and eval, k = 3/5/7, stride 1/2, float32/float64/float16/bfloat16, over shapes whose
-   channel and width counts reach every block size the launchers pick.
+   and eval, k = 3/5/7, stride 1/2, float32/float64/float16/bfloat16, 1 or 2 row groups, over
+   shapes whose channel and width counts reach every block size the launchers pick.
 2. compile: specializations go through Triton's own compiler for the target (default
    ``cuda`` sm_90, the H100/H200) down to a cubin, ptxas included, in worker processes (one
    per core): a compiler that crashes (it has: see ``_channel_sums_kernel``) takes down its
@@ -21,10 +21,10 @@ and still fail to compile for a GPU. This script closes that gap without a GPU:
 
 By default a covering subset is compiled: per kernel, specializations are picked until every
 pair of values of its ``tl.constexpr`` parameters, argument types and hints seen in the
-recording has been compiled at least once (about 340 of the ~2,350, about 3 minutes on 2
-cores with an empty Triton cache). ``--all`` compiles every one (about 40 minutes on 2
-cores). Run it in a process where ``TRITON_INTERPRET`` is not 1 (the kernels must be JIT
-functions):
+recording has been compiled at least once (444 of 3,576; a few minutes on 2 cores with an
+empty Triton cache, about 1 s per compile per core). ``--all`` compiles every one (at that
+rate, about half an hour on 2 cores). Run it in a process where ``TRITON_INTERPRET`` is not
+1 (the kernels must be JIT functions):
 
   python tests/triton_compile.py [--all] [--arch 90] [--jobs N] [--json OUT.json]
 
@@ -134,21 +134,22 @@ def record():
     import fastshift.ops.triton as t
     specs = []
     with _recording(specs) as names:
-        for dtype, training in itertools.product(DTYPES, (True, False)):
+        # groups 2 of the 2 rows: one row per group, an int equal to 1 that the JIT compiles in
+        for dtype, training, g in itertools.product(DTYPES, (True, False), (1, 2)):
             for r, c, h, w, k, s in DW_CASES:
                 x = torch.rand(r, c, h, w, dtype=dtype).contiguous(
                     memory_format=torch.channels_last)
                 wt = torch.rand(c, 1, k, k, dtype=dtype)
-                mean, var = torch.zeros(1, c, dtype=dtype), torch.ones(1, c, dtype=dtype)
-                y, _, _ = t.dwconv_bn(x, wt, mean, var, s, 1, 1e-5, training)
-                t.dwconv_bn_backward(torch.rand_like(y), x, wt, y, var, s, 1, 1e-5, training)
+                mean, var = torch.zeros(g, c, dtype=dtype), torch.ones(g, c, dtype=dtype)
+                y, _, _ = t.dwconv_bn(x, wt, mean, var, s, g, 1e-5, training)
+                t.dwconv_bn_backward(torch.rand_like(y), x, wt, y, var, s, g, 1e-5, training)
             for r, c, o, h, w in PW_CASES:
                 x = torch.rand(r, c, h, w, dtype=dtype).contiguous(
                     memory_format=torch.channels_last)
                 wt = torch.rand(o, c, 1, 1, dtype=dtype)
-                mean, var = torch.zeros(1, o, dtype=dtype), torch.ones(1, o, dtype=dtype)
-                y, xhat, _, _ = t.pwconv_bn_relu(x, wt, mean, var, 1, 1e-5, training)
-                t.pwconv_bn_relu_backward(torch.rand_like(y), x, wt, y, xhat, var, 1, 1e-5,
+                mean, var = torch.zeros(g, o, dtype=dtype), torch.ones(g, o, dtype=dtype)
+                y, xhat, _, _ = t.pwconv_bn_relu(x, wt, mean, var, g, 1e-5, training)
+                t.pwconv_bn_relu_backward(torch.rand_like(y), x, wt, y, xhat, var, g, 1e-5,
                                           training)
     # A view that starts at an unaligned offset (a row slice of an odd-sized map, say) loses
     # the pointers' alignment hints: each launch is also kept in that form.
