@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import inspect
 import itertools
 import json
@@ -63,20 +64,25 @@ def _kernels():
     return kernels
 
 
+def kernel_names():
+    """The kernels the launchers start (``kernels.<name>[grid](...)``), not the device helpers."""
+    return [n for n, v in vars(_kernels()).items() if n.endswith("_kernel") and hasattr(v, "fn")]
+
+
 class _Recorder:
     """Stands for a kernel: ``rec[grid](*args, **kwargs)`` records the specialization only."""
 
     def __init__(self, name, kernel, specs):
         self.name, self.specs = name, specs
-        self.params = inspect.signature(kernel.fn).parameters
+        self.signature = inspect.signature(kernel.fn)
 
     def __getitem__(self, grid):
         return self._launch
 
     def _launch(self, *args, **kwargs):
-        bound = inspect.Signature(list(self.params.values())).bind(*args, **kwargs)
+        bound = self.signature.bind(*args, **kwargs)
         signature, constexprs, attrs = {}, {}, {}
-        for name, param in self.params.items():
+        for name, param in self.signature.parameters.items():
             value = bound.arguments[name]
             if "constexpr" in str(param.annotation):
                 signature[name] = "constexpr"
@@ -108,7 +114,7 @@ def _specialize(value):
 def _recording(specs):
     import fastshift.ops.triton as launchers
     kernels = _kernels()
-    names = [n for n, v in vars(kernels).items() if hasattr(v, "fn") and n.endswith("_kernel")]
+    names = kernel_names()
     saved = {n: getattr(kernels, n) for n in names}
     check = launchers._check_common
 
@@ -160,12 +166,17 @@ def record():
     return names, list(distinct.values())
 
 
-def _resources(cubin: bytes):
-    """REG / STACK / LOCAL / SHARED of a cubin through cuobjdump, or None without it."""
+@functools.cache
+def _cuobjdump():
     import triton.backends.nvidia as nvidia  # triton ships cuobjdump beside its ptxas
     candidates = (os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump"),
                   shutil.which("cuobjdump") or "", "/usr/local/cuda/bin/cuobjdump")
-    tool = next((p for p in candidates if p and os.path.exists(p)), None)
+    return next((p for p in candidates if p and os.path.exists(p)), None)
+
+
+def _resources(cubin: bytes):
+    """REG / STACK / LOCAL / SHARED of a cubin through cuobjdump, or None without it."""
+    tool = _cuobjdump()
     if tool is None:
         return None
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -214,7 +225,7 @@ def compile_one(spec, arch=90):
     constexprs = {k: (tl.dtype(v["dtype"]) if isinstance(v, dict) else v)
                   for k, v in spec["constexprs"].items()}
     attrs = {(fn.arg_names.index(k),): BaseBackend.parse_attr(v)
-             for k, v in spec.get("attrs", {}).items()}
+             for k, v in spec["attrs"].items()}
     res = dict(spec)
     try:
         compiled = triton.compile(ASTSource(fn=fn, signature=spec["signature"],
