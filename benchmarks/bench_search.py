@@ -27,6 +27,9 @@ process first (it is what fastshift.search does on a CPU), so it applies to ever
 
 GFLOP/s = 2 x multiply-adds of the useful work (a training step counted as 3 forward passes) /
 seconds. peak_gflops: a 2048^3 fp32 matmul timed in the same run (the machine's practical peak).
+matmul_bound: the seconds per candidate that the matmul-shaped work alone (1x1 convs and the
+classifier) takes at that peak, everything else free; max_speedup_vs_reference is the ceiling it
+puts on any mode, and each mode's matmul_floor_share is that floor over its own s/candidate.
 
 usage: python benchmarks/bench_search.py --scale cpu --candidates 50 --ks 10 25 \
            --reference-ops-ks 25 --rounds 2 --out cpu.json
@@ -80,6 +83,21 @@ def peak_gflops(device):
         a @ b
     _sync(device)
     return 2 * 2048**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def matmul_bound(space, archs, scale, peak):
+    """The time the matmul-shaped work alone (every 1x1 conv and the classifier, the bulk of
+    the multiply-adds) takes per candidate at ``peak`` GFLOP/s, with everything else free:
+    a floor for any mode that does the useful work without sharing, and so a ceiling on its
+    speedup. A training step counts 3 forward passes (forward, input and weight gradients)."""
+    n_fwd = (3 * scale["train_steps"] * scale["train_batch"]
+             + scale["val_batches"] * scale["val_batch"])
+    kinds = [space.flops_by_kind(a) for a in archs]
+    macs = {k: float(np.mean([d[k] for d in kinds])) for k in kinds[0]}
+    dense = macs["pointwise"] + macs["classifier"]
+    return {"macs_per_image_by_kind": macs,
+            "matmul_share_of_macs": dense / sum(macs.values()),
+            "s_per_candidate": 2 * dense * n_fwd / (peak * 1e9)}
 
 
 def _sync(device):
@@ -254,6 +272,13 @@ def main(argv=None):
     if "reference" in modes:
         for row in modes.values():
             row["speedup_vs_reference"] = modes["reference"]["seconds"] / row["seconds"]
+    peak = peak_gflops(device)
+    bound = matmul_bound(space, archs, scale, peak)
+    for row in modes.values():
+        row["matmul_floor_share"] = bound["s_per_candidate"] / row["s_per_candidate"]
+    if "reference" in modes:
+        bound["max_speedup_vs_reference"] = (modes["reference"]["s_per_candidate"]
+                                             / bound["s_per_candidate"])
     result = {
         "benchmark": "bench_search",
         "scale": args.scale,
@@ -267,7 +292,8 @@ def main(argv=None):
         "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__,
-        "peak_gflops": peak_gflops(device),
+        "peak_gflops": peak,
+        "matmul_bound": bound,
         "modes": modes,
     }
     text = json.dumps(result, indent=2)

@@ -196,6 +196,7 @@ class SearchSpace:
         stem_f, stem_p = _conv_cost(self.stem_size, 3, self.in_channels, self.stem_channels)
         last_f, last_p = _conv_cost(self.final_size, 1, self.final_channels, self.last_channels)
         self._fixed_flops = stem_f + last_f
+        self._stem_flops, self._last_flops = stem_f, last_f
         self._fixed_params = stem_p + last_p
 
     # -- structure --------------------------------------------------------------------------
@@ -297,33 +298,27 @@ class SearchSpace:
         return tuple(x if k == 0 else y for x, y, k in zip(a, b, pick))
 
     # -- costs ------------------------------------------------------------------------------
-    def _block_cost(self, layer: LayerSpec, choice: Choice):
+    def _block_parts(self, layer: LayerSpec, choice: Choice) -> list[tuple[str, int, int]]:
+        """``[(kind, multiply-adds, weights)]`` of each conv of a block, kind "pointwise" (1x1,
+        a matmul) or "depthwise"."""
         inp, mid, out = layer.in_channels, layer.mid_channels, layer.out_channels
         main_out = out - inp
         h_in, h = layer.in_size, layer.out_size
-        parts = []
+        pw = lambda size, c_in, c_out: ("pointwise", *_conv_cost(size, 1, c_in, c_out))  # noqa: E731
+        dw = lambda k, c: ("depthwise", *_conv_cost(h, k, c, c, groups=c))  # noqa: E731
         if choice.kind == "shuffle":
             k = choice.kernel
-            parts += [
-                _conv_cost(h_in, 1, inp, mid),
-                _conv_cost(h, k, mid, mid, groups=mid),
-                _conv_cost(h, 1, mid, main_out),
-            ]
+            parts = [pw(h_in, inp, mid), dw(k, mid), pw(h, mid, main_out)]
         else:
-            parts += [
-                _conv_cost(h, 3, inp, inp, groups=inp),
-                _conv_cost(h, 1, inp, mid),
-                _conv_cost(h, 3, mid, mid, groups=mid),
-                _conv_cost(h, 1, mid, mid),
-                _conv_cost(h, 3, mid, mid, groups=mid),
-                _conv_cost(h, 1, mid, main_out),
-            ]
+            parts = [dw(3, inp), pw(h, inp, mid), dw(3, mid), pw(h, mid, mid), dw(3, mid),
+                     pw(h, mid, main_out)]
         if layer.stride == 2:
-            parts += [
-                _conv_cost(h, choice.kernel, inp, inp, groups=inp),
-                _conv_cost(h, 1, inp, inp),
-            ]
-        return sum(f for f, _ in parts), sum(p for _, p in parts)
+            parts += [dw(choice.kernel, inp), pw(h, inp, inp)]
+        return parts
+
+    def _block_cost(self, layer: LayerSpec, choice: Choice):
+        parts = self._block_parts(layer, choice)
+        return sum(f for _, f, _ in parts), sum(p for _, _, p in parts)
 
     def _head(self, num_classes):
         n = self.num_classes if num_classes is None else int(num_classes)
@@ -334,6 +329,18 @@ class SearchSpace:
         arch = self.validate(arch)
         body = int(self._flops_table[np.arange(self.num_layers), arch].sum())
         return self._fixed_flops + body + self._head(num_classes)
+
+    def flops_by_kind(self, arch, num_classes: int | None = None) -> dict[str, int]:
+        """``flops(arch)`` split by kind of op: ``stem`` (the dense 3x3 conv), ``pointwise``
+        (every 1x1 conv, conv_last included: the matmul-shaped work), ``depthwise`` and
+        ``classifier``. The values sum to ``flops(arch, num_classes)``."""
+        arch = self.validate(arch)
+        out = {"stem": int(self._stem_flops), "pointwise": int(self._last_flops),
+               "depthwise": 0, "classifier": int(self._head(num_classes))}
+        for layer, c in zip(self.layers, arch):
+            for kind, f, _ in self._block_parts(layer, self.choices[c]):
+                out[kind] += int(f)
+        return out
 
     def params(self, arch, num_classes: int | None = None) -> int:
         """Weights of the standalone subnet (conv and linear; BN has no affine parameters)."""

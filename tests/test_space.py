@@ -9,17 +9,20 @@ import fastshift
 from fastshift import SearchSpace, spaces
 
 
-def hook_count(module: nn.Module, x: torch.Tensor):
-    """Released-style counter: conv = oh*ow*kh*kw*cin/groups*cout, linear = in*out."""
-    total = [0]
+def hook_count(module: nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Released-style counter: conv = oh*ow*kh*kw*cin/groups*cout, linear = in*out; by kind
+    (depthwise, pointwise = 1x1, stem = any other conv, classifier = linear)."""
+    total = {"stem": 0, "pointwise": 0, "depthwise": 0, "classifier": 0}
 
     def conv_hook(m, inp, out):
         kh, kw = m.kernel_size
-        total[0] += out.shape[2] * out.shape[3] * kh * kw * (m.in_channels // m.groups) \
+        kind = ("depthwise" if m.groups == m.in_channels > 1 else
+                "pointwise" if (kh, kw) == (1, 1) else "stem")
+        total[kind] += out.shape[2] * out.shape[3] * kh * kw * (m.in_channels // m.groups) \
             * m.out_channels
 
     def linear_hook(m, inp, out):
-        total[0] += m.in_features * m.out_features
+        total["classifier"] += m.in_features * m.out_features
 
     handles = []
     for m in module.modules():
@@ -32,7 +35,7 @@ def hook_count(module: nn.Module, x: torch.Tensor):
         module(x)
     for h in handles:
         h.remove()
-    return total[0]
+    return total
 
 
 def test_spos_space_structure():
@@ -61,7 +64,9 @@ def test_flops_and_params_match_hook_count(make):
     for arch in archs:
         sub = net.subnet(arch)
         x = torch.zeros(1, space.in_channels, space.input_size, space.input_size)
-        assert space.flops(arch) == hook_count(sub, x), arch
+        counted = hook_count(sub, x)
+        assert space.flops(arch) == sum(counted.values()), arch
+        assert space.flops_by_kind(arch) == counted, arch
         assert space.params(arch) == sum(p.numel() for p in sub.parameters()), arch
 
 
