@@ -31,7 +31,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -40,7 +39,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_search import _sync, peak_gflops  # noqa: E402
+from bench_search import _sync, machine_name, peak_gflops  # noqa: E402
 
 import fastshift  # noqa: E402
 from fastshift import ops  # noqa: E402
@@ -280,7 +279,7 @@ def main(argv=None):
         "benchmark": "bench_ops", "scale": args.scale,
         "workload": {"space": space.name, "input_size": scale["input_size"], "batch": batch,
                      "mode": "training (batch statistics)", "repeats": args.repeats},
-        "machine": platform.node() + " / " + platform.processor(),
+        "machine": machine_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",

@@ -100,6 +100,18 @@ def matmul_bound(space, archs, scale, peak):
             "s_per_candidate": 2 * dense * n_fwd / (peak * 1e9)}
 
 
+def machine_name() -> str:
+    """Host name / CPU model (from /proc/cpuinfo where there is one)."""
+    model = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f
+                          if line.startswith("model name")), model)
+    except OSError:
+        pass
+    return f"{platform.node()} / {model}"
+
+
 def _sync(device):
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
@@ -287,7 +299,7 @@ def main(argv=None):
                      "val_batches": scale["val_batches"], "val_batch": scale["val_batch"],
                      "candidates": len(archs), "distinct_candidates": len(set(archs)),
                      "max_rows": args.max_rows, "rounds": rounds},
-        "machine": platform.node() + " / " + platform.processor(),
+        "machine": machine_name(),
         "cpu_threads": torch.get_num_threads(),
         "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
