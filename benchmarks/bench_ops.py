@@ -20,7 +20,9 @@ on 4 rows (values and both gradients, relative error < 1e-9) before anything is 
 GFLOP/s = 2 x multiply-adds / s (fwd + bwd counted as 3 forwards). GB/s = the tensors an op
 must at least read and write (input, weight, output; x3 for fwd + bwd) / s.
 The summary gives, per backend, the block fwd + bwd speedup averaged over the four choices
-and both strides (mean of per-block ratios), and the ratio of total times.
+and both strides (mean of per-block ratios), and the ratio of total times. matmul_floor: each
+block's 1x1 convs alone at the in-run matmul peak (peak_gflops), everything else free; the
+summary's ceiling is the mean of reference time / that floor.
 
 usage: python benchmarks/bench_ops.py --scale cpu --out ops_cpu.json
 """
@@ -143,11 +145,13 @@ def _block_entry(space, layer, choice, batch):
             return copies[backend](x)
 
         return fn, None, copies
-    flops, _ = space._block_cost(layer, choice)
+    parts = space._block_parts(layer, choice)
+    flops = sum(f for _, f, _ in parts)
+    matmul = sum(f for kind, f, _ in parts if kind == "pointwise")
     elems = batch * (c_in * h_in * h_in + layer.out_channels * layer.out_size ** 2)
     return dict(kind="block", name=f"block {choice.name} layer{layer.index} s{layer.stride} "
                 f"{c_in}x{h_in}x{h_in}", make=make, in_shape=(c_in, h_in), macs=batch * flops,
-                elems=elems, choice=choice.name, stride=layer.stride)
+                matmul_macs=batch * matmul, elems=elems, choice=choice.name, stride=layer.stride)
 
 
 def _input(entry, rows, dtype, device, backend):
@@ -244,7 +248,7 @@ def main(argv=None):
     rows = []
     for entry in entries:
         row = {k: entry[k] for k in ("kind", "name", "macs") if k in entry}
-        row.update({k: entry[k] for k in ("choice", "stride") if k in entry})
+        row.update({k: entry[k] for k in ("choice", "stride", "matmul_macs") if k in entry})
         for backend in ["reference", *backends]:
             t = time_entry(entry, backend, device, batch, args.repeats)
             elt = 4 * entry["elems"]
@@ -263,8 +267,18 @@ def main(argv=None):
             f"{b} {row[b]['fwd_ms']:.2f}/{row[b]['fwd_bwd_ms']:.2f} ms"
             for b in ["reference", *backends]), flush=True)
 
+    peak = peak_gflops(device)
     summary = {}
     blocks = [r for r in rows if r["kind"] == "block"]
+    # the block's 1x1 convs alone at the in-run matmul peak, everything else free: a floor for
+    # any backend, and reference / floor the ceiling on its speedup
+    for r in blocks:
+        r["matmul_floor_ms"] = {"fwd": 2e3 * r["matmul_macs"] / (peak * 1e9),
+                                "fwd_bwd": 6e3 * r["matmul_macs"] / (peak * 1e9)}
+    if blocks:
+        summary["matmul_floor"] = {
+            "block_fwd_bwd_speedup_ceiling_mean": statistics.mean(
+                r["reference"]["fwd_bwd_ms"] / r["matmul_floor_ms"]["fwd_bwd"] for r in blocks)}
     for backend in backends:
         if blocks:
             ratios = [r[backend]["fwd_bwd_speedup"] for r in blocks]
@@ -283,7 +297,7 @@ def main(argv=None):
         "cpu_threads": torch.get_num_threads(),
         "cpu_allocator_tuned": allocator_tuned,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": torch.__version__, "peak_gflops": peak_gflops(device),
+        "torch": torch.__version__, "peak_gflops": peak,
         "backends": backends, "summary": summary, "rows": rows,
     }
     text = json.dumps(result, indent=2)
