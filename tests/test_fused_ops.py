@@ -129,6 +129,23 @@ def test_dwconv_bn_matches_reference(backend, device, dtype, shape, training, la
 
 
 @needs_c
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not _interpreted(*p)])
+@pytest.mark.parametrize("k", [1, 3, 5, 7])
+def test_dwconv_bn_stride2_every_small_map(backend, device, k):
+    """Stride 2 on every map size from 1x1 to 8x8 (even and odd, wider and taller than the
+    kernel): the input gradient of the CPU body works phase by phase (the four parities of the
+    input pixels), whose sub-kernels and borders depend on k, the map size and its parity."""
+    torch.manual_seed(k)
+    for h in range(1, 9):
+        for w in range(1, 9):
+            x = _input((2, 9, h, w), torch.float64, device, "channels_last")
+            weight = torch.randn(9, 1, k, k, dtype=torch.float64, device=device)
+            for training in (True, False):
+                _check_against_reference(ops.dwconv_bn, backend, x, weight, (2,), 1,
+                                         torch.float64, device, training)
+
+
+@needs_c
 @pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(PW_SHAPES)))
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous",

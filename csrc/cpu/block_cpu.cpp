@@ -129,12 +129,14 @@ inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
 }
 
 // out[o, c] = sum_{kh,kw} pad[o_h*S + kh, o_w*S + kw, c] * wt[kh, kw, c] over an out_h x out_w
-// map; with shift/scale given, stores (sum - shift) * scale. Register tiles of TW output
-// pixels x B channels keep TW * B / lanes independent accumulator chains.
+// map and a KH x KW kernel; with shift/scale given, stores (sum - shift) * scale. Output pixel
+// (o_h, o_w) is at out + o_h * out_rs + o_w * out_cs (elements; dense: out_w * C and C).
+// Register tiles of TW output pixels x B channels keep TW * B / lanes independent accumulator
+// chains.
 template <typename T>
-inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t K, int64_t S, T* out,
-                         int64_t out_h, int64_t out_w, int64_t C, const T* shift,
-                         const T* scale) {
+inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int64_t KW,
+                         int64_t S, T* out, int64_t out_h, int64_t out_w, int64_t out_rs,
+                         int64_t out_cs, int64_t C, const T* shift, const T* scale) {
   constexpr int TW = 4;
   for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
@@ -145,10 +147,10 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t K, int64
       V acc[N][NV];
       for (int t = 0; t < N; ++t)
         for (int v = 0; v < NV; ++v) acc[t][v] = V{};
-      for (int64_t kh = 0; kh < K; ++kh) {
+      for (int64_t kh = 0; kh < KH; ++kh) {
         const T* row = pad + ((oh * S + kh) * PW + ow * S) * C + c0;
-        const T* wr = wt + kh * K * C + c0;
-        for (int64_t kw = 0; kw < K; ++kw) {
+        const T* wr = wt + kh * KW * C + c0;
+        for (int64_t kw = 0; kw < KW; ++kw) {
           V wv[NV];
           for (int v = 0; v < NV; ++v) wv[v] = load<V>(wr + kw * C + v * L);
           for (int t = 0; t < N; ++t) {
@@ -158,7 +160,7 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t K, int64
         }
       }
       for (int t = 0; t < N; ++t) {
-        T* op = out + (oh * out_w + ow + t) * C + c0;
+        T* op = out + oh * out_rs + (ow + t) * out_cs + c0;
         for (int v = 0; v < NV; ++v) {
           if (shift != nullptr) {
             const int64_t c = c0 + v * L;
@@ -215,14 +217,94 @@ template <typename T>
 inline void dw_forward_image(const T* x, const T* wt, T* z, const DwShape& s, const T* shift,
                              const T* scale, T* pad) {
   pad_image(x, pad, s);
-  valid_dwconv(pad, padded_w(s), wt, s.K, s.S, z, s.OH, s.OW, s.C, shift, scale);
+  valid_dwconv(pad, padded_w(s), wt, s.K, s.K, s.S, z, s.OH, s.OW, s.OW * s.C, s.C, s.C, shift,
+               scale);
 }
 
-// One image: dx = transposed depthwise conv of dz; `wflip` is wt with the taps reversed.
+// Stride 2, polyphase: the input pixels of one parity (rh, rw) receive only the taps of one
+// parity, so dx restricted to that phase is a stride-1 valid conv of dz (zero-bordered) with
+// that sub-kernel, taps reversed. Per dimension, for phase r: tap parity tau = (r + P) % 2,
+// M = (K - tau + 1) / 2 taps (t = 2m + tau), dx[2a + r] = sum_m' sub[m'] dz[a + off + m'] with
+// sub[m'] = w[2 (M - 1 - m') + tau] and off = (r + P - tau) / 2 - M + 1. This does the K*K/4
+// products per input pixel that meet real dz values, where the upsampled stride-1 form does
+// K*K (three of four on zeros).
+struct Phase {
+  int64_t count = 0, taps = 0, off = 0;  // output positions a, sub-kernel taps M, dz offset
+};
+
+inline Phase phase_of(int64_t size, int64_t K, int64_t r) {
+  const int64_t P = K / 2, tau = (r + P) % 2;
+  Phase ph;
+  ph.count = (size - r + 1) / 2;
+  ph.taps = (K - tau + 1) / 2;
+  ph.off = (r + P - tau) / 2 - ph.taps + 1;
+  return ph;
+}
+
+// The zero border dz needs on each side of one dimension (over both phases).
+struct Border {
+  int64_t lo = 0, hi = 0;
+};
+
+inline Border s2_border(int64_t size, int64_t out, int64_t K) {
+  Border b;
+  for (int64_t r = 0; r < 2; ++r) {
+    const Phase ph = phase_of(size, K, r);
+    if (ph.count == 0) continue;
+    b.lo = std::max(b.lo, -ph.off);
+    b.hi = std::max(b.hi, ph.count - 1 + ph.off + std::max<int64_t>(ph.taps, 1) - 1 - (out - 1));
+  }
+  return b;
+}
+
+// Scratch elements the input gradient needs per image (either form).
+inline int64_t input_grad_scratch(const DwShape& s) {
+  if (s.S != 2) return padded_h(s) * padded_w(s) * s.C;
+  const Border bh = s2_border(s.H, s.OH, s.K), bw = s2_border(s.W, s.OW, s.K);
+  return (s.OH + bh.lo + bh.hi) * (s.OW + bw.lo + bw.hi) * s.C;
+}
+
+// wsub: for tap parities (tau_h, tau_w), sub-kernel [M_h, M_w, C] at wsub + offset(tau_h,
+// tau_w), built from w [C, K, K] by s2_subkernels (below).
 template <typename T>
-inline void dw_input_grad_image(const T* dz, const T* wflip, T* dx, const DwShape& s, T* pad) {
+inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s, T* pad) {
+  const Border bh = s2_border(s.H, s.OH, s.K), bw = s2_border(s.W, s.OW, s.K);
+  const int64_t C = s.C, PW = s.OW + bw.lo + bw.hi, PH = s.OH + bh.lo + bh.hi;
+  std::fill(pad, pad + PH * PW * C, T(0));
+  for (int64_t oh = 0; oh < s.OH; ++oh)
+    std::copy(dz + oh * s.OW * C, dz + (oh + 1) * s.OW * C, pad + ((oh + bh.lo) * PW + bw.lo) * C);
+  const int64_t P = s.K / 2;
+  for (int64_t rh = 0; rh < 2; ++rh) {
+    const Phase ph = phase_of(s.H, s.K, rh);
+    if (ph.count == 0) continue;
+    for (int64_t rw = 0; rw < 2; ++rw) {
+      const Phase pw = phase_of(s.W, s.K, rw);
+      if (pw.count == 0) continue;
+      const int64_t th = (rh + P) % 2, tw = (rw + P) % 2;
+      // sub-kernels in the order (0,0), (0,1), (1,0), (1,1) of (tau_h, tau_w)
+      const int64_t m0 = (s.K + 1) / 2, m1 = s.K / 2;
+      const int64_t mh[2] = {m0, m1}, mw[2] = {m0, m1};
+      int64_t offset = 0;
+      for (int64_t i = 0; i < th * 2 + tw; ++i) offset += mh[i / 2] * mw[i % 2] * C;
+      valid_dwconv<T>(pad + ((ph.off + bh.lo) * PW + pw.off + bw.lo) * C, PW, wsub + offset,
+                      ph.taps, pw.taps, 1, dx + (rh * s.W + rw) * C, ph.count, pw.count,
+                      2 * s.W * C, 2 * C, C, nullptr, nullptr);
+    }
+  }
+}
+
+// One image: dx = transposed depthwise conv of dz. Stride 1 (or any stride but 2): `w` is wt
+// with the taps reversed, dz is upsampled into `pad` and convolved at stride 1. Stride 2: `w`
+// holds the four reversed sub-kernels (dw_input_grad_s2).
+template <typename T>
+inline void dw_input_grad_image(const T* dz, const T* w, T* dx, const DwShape& s, T* pad) {
+  if (s.S == 2) {
+    dw_input_grad_s2(dz, w, dx, s, pad);
+    return;
+  }
   upsample_image(dz, pad, s);
-  valid_dwconv<T>(pad, padded_w(s), wflip, s.K, 1, dx, s.H, s.W, s.C, nullptr, nullptr);
+  valid_dwconv<T>(pad, padded_w(s), w, s.K, s.K, 1, dx, s.H, s.W, s.W * s.C, s.C, s.C, nullptr,
+                  nullptr);
 }
 
 // One image: dw[t, c] += sum_o x[o*S - P + t, c] * dz[o, c].
@@ -416,6 +498,22 @@ void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int6
     }
 }
 
+// The stride-2 input gradient's sub-kernels (dw_input_grad_s2): for tap parities (tau_h, tau_w)
+// in the order (0,0), (0,1), (1,0), (1,1), the taps tau, tau + 2, ... of w [C, 1, K, K],
+// reversed, as [M_h * M_w, C] rows, stacked.
+at::Tensor s2_subkernels(const at::Tensor& weight) {
+  const int64_t C = weight.size(0), K = weight.size(2);
+  std::vector<at::Tensor> parts;
+  for (int64_t th = 0; th < 2; ++th)
+    for (int64_t tw = 0; tw < 2; ++tw) {
+      const int64_t mh = (K - th + 1) / 2, mw = (K - tw + 1) / 2;
+      if (mh == 0 || mw == 0) continue;
+      parts.push_back(weight.slice(2, th, K, 2).slice(3, tw, K, 2).flip({2, 3})
+                          .reshape({C, mh * mw}).t());
+    }
+  return at::cat(parts, 0).contiguous();
+}
+
 // ---------------------------------------------------------------------------------------------
 // dwconv_bn
 
@@ -493,8 +591,10 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
   const RowChunks ch = make_chunks(R, groups);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_backward_cpu", [&] {
     using T = scalar_t;
+    // stride 2: the four reversed sub-kernels of the polyphase input gradient; otherwise the
     // taps reversed: [k*k, C] rows in the order (K-1-kh, K-1-kw)
-    const at::Tensor wflip = weight.flip({2, 3}).reshape({C, K * K}).t().contiguous();
+    const at::Tensor wflip = stride == 2 ? s2_subkernels(weight)
+                                         : weight.flip({2, 3}).reshape({C, K * K}).t().contiguous();
     const at::Tensor y = training ? rows_last(y_in) : at::Tensor();
     const T* xp = x.const_data_ptr<T>();
     const T* gp = dy.const_data_ptr<T>();
@@ -502,7 +602,7 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
     const T* wp = wflip.const_data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
     const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
-    const int64_t pad_img = padded_h(s) * padded_w(s) * C;
+    const int64_t pad_img = std::max(padded_h(s) * padded_w(s) * C, input_grad_scratch(s));
     const std::vector<T> rstd = rstd_of<T>(var, eps);
     std::vector<T> a, b;
     if (training) grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
