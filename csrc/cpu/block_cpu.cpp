@@ -371,39 +371,58 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
 }
 
 // dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
-// with ReLU, `xhat` is the output y (same sign as xhat where it matters).
-template <typename T, bool relu>
-inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
-                          const T* a, const T* b, T* dz) {
+// with ReLU, `xhat` is the output y (same sign as xhat where it matters). Explicit vectors over
+// each pixel's channel blocks (the plain loop was not vectorized: dz may alias the inputs).
+template <typename T, bool relu, bool train>
+inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
+                               const T* rstd, const T* a, const T* b, T* dz) {
   for (int64_t p = 0; p < pixels; ++p) {
     const T* gp = dy + p * C;
     const T* xp = xhat + p * C;
     T* out = dz + p * C;
-    if (a != nullptr) {
-      for (int64_t c = 0; c < C; ++c) {
-        const T g = relu ? (xp[c] > T(0) ? gp[c] : T(0)) : gp[c];
-        out[c] = rstd[c] * (g - a[c] - xp[c] * b[c]);
+    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+      using V = typename decltype(blk)::type;
+      constexpr int NV = decltype(blk)::count;
+      constexpr int L = sizeof(V) / sizeof(T);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c = c0 + v * L;
+        V g = load<V>(gp + c);
+        if constexpr (relu || train) {
+          const V x = load<V>(xp + c);
+          if constexpr (relu) g = x > V{} ? g : V{};
+          if constexpr (train) g = g - load<V>(a + c) - x * load<V>(b + c);
+        }
+        store(out + c, load<V>(rstd + c) * g);
       }
-    } else {
-      for (int64_t c = 0; c < C; ++c) {
-        const T g = relu ? (xp[c] > T(0) ? gp[c] : T(0)) : gp[c];
-        out[c] = rstd[c] * g;
-      }
-    }
+    });
   }
 }
 
-// In place z := (z - mean) * rstd; with relu also y := max(z, 0) (y may alias z).
+template <typename T, bool relu>
+inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
+                          const T* a, const T* b, T* dz) {
+  if (a != nullptr) bn_input_grad_loop<T, relu, true>(dy, xhat, pixels, C, rstd, a, b, dz);
+  else bn_input_grad_loop<T, relu, false>(dy, xhat, pixels, C, rstd, a, b, dz);
+}
+
+// In place z := (z - mean) * rstd; with relu also y := max(z, 0) (y may alias z; NaN passes
+// through, as torch.relu).
 template <typename T, bool relu>
 inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, const T* rstd) {
   for (int64_t p = 0; p < pixels; ++p) {
     T* zp = z + p * C;
     T* yp = y + p * C;
-    for (int64_t c = 0; c < C; ++c) {
-      const T v = (zp[c] - mean[c]) * rstd[c];
-      zp[c] = v;
-      if (relu) yp[c] = v < T(0) ? T(0) : v;  // NaN passes through, as torch.relu
-    }
+    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+      using V = typename decltype(blk)::type;
+      constexpr int NV = decltype(blk)::count;
+      constexpr int L = sizeof(V) / sizeof(T);
+      for (int v = 0; v < NV; ++v) {
+        const int64_t c = c0 + v * L;
+        const V x = (load<V>(zp + c) - load<V>(mean + c)) * load<V>(rstd + c);
+        store(zp + c, x);
+        if constexpr (relu) store(yp + c, x < V{} ? V{} : x);
+      }
+    });
   }
 }
 
