@@ -117,7 +117,8 @@ inline void pad_image(const T* x, T* pad, const DwShape& s) {
 
 // pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
 // conv dx = sum_t dz[(i + P - t) / S] w[t] then is a stride-1 valid conv of pad with the
-// flipped kernel (for S = 2 three of four products meet zeros; the loop stays branch-free).
+// flipped kernel. Used for S != 2 (for S = 2 three of four products would meet zeros; that
+// case runs polyphase, dw_input_grad_s2).
 template <typename T>
 inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
   const int64_t P = s.P(), PW = padded_w(s), C = s.C;
@@ -372,7 +373,7 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
 
 // dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
 // with ReLU, `xhat` is the output y (same sign as xhat where it matters). Explicit vectors over
-// each pixel's channel blocks (the plain loop was not vectorized: dz may alias the inputs).
+// each pixel's channel blocks (the plain loop need not vectorize: dz may alias the inputs).
 template <typename T, bool relu, bool train>
 inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
                                const T* rstd, const T* a, const T* b, T* dz) {
