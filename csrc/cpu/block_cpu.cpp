@@ -371,32 +371,35 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
   });
 }
 
-// dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
-// with ReLU, `xhat` is the output y (same sign as xhat where it matters). Explicit vectors over
-// each pixel's channel blocks (the plain loop need not vectorize: dz may alias the inputs).
-template <typename T, bool relu, bool train>
-inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
-                               const T* rstd, const T* a, const T* b, T* dz) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    const T* gp = dy + p * C;
-    const T* xp = xhat + p * C;
-    T* out = dz + p * C;
+// Calls f(V{}, i, c) for every vector V of channels of every pixel of a [pixels, C] array:
+// i is the index of its first element, c its first channel (32-byte vectors, then single values
+// for a channel tail), so elementwise passes vectorize whatever aliasing the compiler assumes.
+template <typename T, typename F>
+inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
+  for (int64_t p = 0; p < pixels; ++p)
     for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
       using V = typename decltype(blk)::type;
       constexpr int NV = decltype(blk)::count;
       constexpr int L = sizeof(V) / sizeof(T);
-      for (int v = 0; v < NV; ++v) {
-        const int64_t c = c0 + v * L;
-        V g = load<V>(gp + c);
-        if constexpr (relu || train) {
-          const V x = load<V>(xp + c);
-          if constexpr (relu) g = x > V{} ? g : V{};
-          if constexpr (train) g = g - load<V>(a + c) - x * load<V>(b + c);
-        }
-        store(out + c, load<V>(rstd + c) * g);
-      }
+      for (int v = 0; v < NV; ++v) f(V{}, p * C + c0 + v * L, c0 + v * L);
     });
-  }
+}
+
+// dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
+// with ReLU, `xhat` is the output y (same sign as xhat where it matters).
+template <typename T, bool relu, bool train>
+inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
+                               const T* rstd, const T* a, const T* b, T* dz) {
+  for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+    using V = decltype(tag);
+    V g = load<V>(dy + i);
+    if constexpr (relu || train) {
+      const V x = load<V>(xhat + i);
+      if constexpr (relu) g = x > V{} ? g : V{};
+      if constexpr (train) g = g - load<V>(a + c) - x * load<V>(b + c);
+    }
+    store(dz + i, load<V>(rstd + c) * g);
+  });
 }
 
 template <typename T, bool relu>
@@ -410,21 +413,12 @@ inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C,
 // through, as torch.relu).
 template <typename T, bool relu>
 inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, const T* rstd) {
-  for (int64_t p = 0; p < pixels; ++p) {
-    T* zp = z + p * C;
-    T* yp = y + p * C;
-    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
-      using V = typename decltype(blk)::type;
-      constexpr int NV = decltype(blk)::count;
-      constexpr int L = sizeof(V) / sizeof(T);
-      for (int v = 0; v < NV; ++v) {
-        const int64_t c = c0 + v * L;
-        const V x = (load<V>(zp + c) - load<V>(mean + c)) * load<V>(rstd + c);
-        store(zp + c, x);
-        if constexpr (relu) store(yp + c, x < V{} ? V{} : x);
-      }
-    });
-  }
+  for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+    using V = decltype(tag);
+    const V x = (load<V>(z + i) - load<V>(mean + c)) * load<V>(rstd + c);
+    store(z + i, x);
+    if constexpr (relu) store(y + i, x < V{} ? V{} : x);
+  });
 }
 
 // The multiversioned entry points: one per kernel and dtype.
