@@ -113,10 +113,14 @@ for f in sorted(glob.glob(os.path.join(out, "tests_*.xml"))):
           f"errors {s.get('errors')} skipped {s.get('skipped')}")
 for f in sorted(glob.glob(os.path.join(out, "bench_ops_*.json"))):
     d = json.load(open(f))
-    for b, s in d["summary"].items():
+    for b in d["backends"]:
+        s = d["summary"][b]
         print(f"{os.path.basename(f)} [{d['device']}] {b} vs reference: block fwd+bwd mean "
               f"{s['block_fwd_bwd_speedup_mean']:.2f}x, total {s['block_fwd_bwd_speedup_total']:.2f}x,"
               f" fwd mean {s['block_fwd_speedup_mean']:.2f}x")
+    if "matmul_floor" in d["summary"]:
+        print(f"{os.path.basename(f)} [{d['device']}] ceiling (1x1 convs at peak, rest free): "
+              f"{d['summary']['matmul_floor']['block_fwd_bwd_speedup_ceiling_mean']:.2f}x")
 for f in sorted(glob.glob(os.path.join(out, "bench_search_*.json"))):
     d = json.load(open(f))
     for mode, m in d["modes"].items():
