@@ -230,15 +230,19 @@ inline void dw_forward_image(const T* x, const T* wt, T* z, const DwShape& s, co
 // products per input pixel that meet real dz values, where the upsampled stride-1 form does
 // K*K (three of four on zeros).
 struct Phase {
-  int64_t count = 0, taps = 0, off = 0;  // output positions a, sub-kernel taps M, dz offset
+  int64_t count = 0, tau = 0, taps = 0, off = 0;  // positions a, tap parity, taps M, dz offset
 };
 
+// Taps of parity tau in one dimension of a K-tap kernel: tau, tau + 2, ...
+inline int64_t parity_taps(int64_t K, int64_t tau) { return (K - tau + 1) / 2; }
+
 inline Phase phase_of(int64_t size, int64_t K, int64_t r) {
-  const int64_t P = K / 2, tau = (r + P) % 2;
+  const int64_t P = K / 2;
   Phase ph;
   ph.count = (size - r + 1) / 2;
-  ph.taps = (K - tau + 1) / 2;
-  ph.off = (r + P - tau) / 2 - ph.taps + 1;
+  ph.tau = (r + P) % 2;
+  ph.taps = parity_taps(K, ph.tau);
+  ph.off = (r + P - ph.tau) / 2 - ph.taps + 1;
   return ph;
 }
 
@@ -274,19 +278,16 @@ inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s
   std::fill(pad, pad + PH * PW * C, T(0));
   for (int64_t oh = 0; oh < s.OH; ++oh)
     std::copy(dz + oh * s.OW * C, dz + (oh + 1) * s.OW * C, pad + ((oh + bh.lo) * PW + bw.lo) * C);
-  const int64_t P = s.K / 2;
   for (int64_t rh = 0; rh < 2; ++rh) {
     const Phase ph = phase_of(s.H, s.K, rh);
     if (ph.count == 0) continue;
     for (int64_t rw = 0; rw < 2; ++rw) {
       const Phase pw = phase_of(s.W, s.K, rw);
       if (pw.count == 0) continue;
-      const int64_t th = (rh + P) % 2, tw = (rw + P) % 2;
       // sub-kernels in the order (0,0), (0,1), (1,0), (1,1) of (tau_h, tau_w)
-      const int64_t m0 = (s.K + 1) / 2, m1 = s.K / 2;
-      const int64_t mh[2] = {m0, m1}, mw[2] = {m0, m1};
       int64_t offset = 0;
-      for (int64_t i = 0; i < th * 2 + tw; ++i) offset += mh[i / 2] * mw[i % 2] * C;
+      for (int64_t i = 0; i < ph.tau * 2 + pw.tau; ++i)
+        offset += parity_taps(s.K, i / 2) * parity_taps(s.K, i % 2) * C;
       valid_dwconv<T>(pad + ((ph.off + bh.lo) * PW + pw.off + bw.lo) * C, PW, wsub + offset,
                       ph.taps, pw.taps, 1, dx + (rh * s.W + rw) * C, ph.count, pw.count,
                       2 * s.W * C, 2 * C, C, nullptr, nullptr);
@@ -520,7 +521,7 @@ at::Tensor s2_subkernels(const at::Tensor& weight) {
   std::vector<at::Tensor> parts;
   for (int64_t th = 0; th < 2; ++th)
     for (int64_t tw = 0; tw < 2; ++tw) {
-      const int64_t mh = (K - th + 1) / 2, mw = (K - tw + 1) / 2;
+      const int64_t mh = parity_taps(K, th), mw = parity_taps(K, tw);
       if (mh == 0 || mw == 0) continue;
       parts.push_back(weight.slice(2, th, K, 2).slice(3, tw, K, 2).flip({2, 3})
                           .reshape({C, mh * mw}).t());
