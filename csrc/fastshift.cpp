@@ -1,7 +1,8 @@
 // Every fastshift operator schema, declared once.
 //
 // Device bodies register themselves with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
-// csrc/cuda/*.cu, so the dispatcher picks the body from the input's device. Autograd and
+// csrc/cuda/*.cu, so the dispatcher picks the body from the input's device; conv_bn_chain's
+// bodies (csrc/chain.cpp) are compositions of the layer ops, for every device. Autograd and
 // fake (meta) kernels are registered from Python (fastshift/ops/_registry.py).
 #include <torch/library.h>
 
@@ -62,6 +63,27 @@ TORCH_LIBRARY(fastshift, m) {
   m.def("pwconv_bn_relu_backward_triton(Tensor grad_y, Tensor x, Tensor weight, Tensor y, "
         "Tensor xhat, Tensor var, int groups, float eps, bool training) -> "
         "(Tensor grad_x, Tensor grad_weight)");
+  // A branch of a choice block as one op: x through the layers in order, layers[i] = 0 for a
+  // pwconv_bn_relu layer, 1 or 2 for a dwconv_bn layer of that stride, with weights[i] and the
+  // statistics mean[i] / var[i] [G, C_i] of that layer op (same groups, eps and training).
+  // Returns y (the last layer's), saved (the outputs of layers 0 .. n-2, then one xhat per
+  // layer: pwconv_bn_relu's in training, empty otherwise) and each layer's mean and var, all
+  // equal to calling the layer ops in turn. Bodies: csrc/chain.cpp (through the layer ops).
+  m.def("conv_bn_chain(Tensor x, Tensor[] weights, int[] layers, Tensor[] mean, Tensor[] var, "
+        "int groups, float eps, bool training) -> "
+        "(Tensor y, Tensor[] saved, Tensor[] mean, Tensor[] var)");
+  // Gradients of conv_bn_chain's y with respect to x and every weight (the layer ops'
+  // backwards in reverse order), from the forward's y, saved and var.
+  m.def("conv_bn_chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "
+        "Tensor y, Tensor[] saved, Tensor[] var, int groups, float eps, bool training) -> "
+        "(Tensor grad_x, Tensor[] grad_weights)");
+  // The same through the Triton layer ops.
+  m.def("conv_bn_chain_triton(Tensor x, Tensor[] weights, int[] layers, Tensor[] mean, "
+        "Tensor[] var, int groups, float eps, bool training) -> "
+        "(Tensor y, Tensor[] saved, Tensor[] mean, Tensor[] var)");
+  m.def("conv_bn_chain_backward_triton(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "
+        "Tensor y, Tensor[] saved, Tensor[] var, int groups, float eps, bool training) -> "
+        "(Tensor grad_x, Tensor[] grad_weights)");
   // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   m.def("cuda_version() -> int");
 }

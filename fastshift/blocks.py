@@ -71,10 +71,45 @@ def _is_pointwise(m: nn.Conv2d) -> bool:
             and m.padding == (0, 0) and m.bias is None)
 
 
+def _chain_layers(mods) -> list | None:
+    """``[(conv, bn, kind)]`` when ``mods`` is a chain of (depthwise conv, BN) layers (kind =
+    the stride) and (1x1 conv, BN, ReLU) layers (kind 0) with one BN eps, else None."""
+    layers, i = [], 0
+    while i < len(mods):
+        m = mods[i]
+        bn = mods[i + 1] if i + 1 < len(mods) else None
+        if not (isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+            return None
+        relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
+        if _is_depthwise(m) and not relu:
+            layers.append((m, bn, m.stride[0]))
+            i += 2
+        elif _is_pointwise(m) and relu:
+            layers.append((m, bn, 0))
+            i += 3
+        else:
+            return None
+    if len({bn.eps for _, bn, _ in layers}) > 1:
+        return None
+    return layers
+
+
+def _momentum(bn: nn.BatchNorm2d, norm_stats) -> float:
+    """The running-statistics momentum of ``bn``: its own, or for ``momentum=None``
+    nn.BatchNorm2d's cumulative average over the module's own batches; grouped (per-subnet)
+    statistics keep no batch count and use the default 0.1."""
+    if bn.momentum is not None:
+        return bn.momentum
+    tracked = bn.num_batches_tracked
+    return (1.0 / (int(tracked) + 1) if norm_stats is module_stats and tracked is not None
+            else 0.1)
+
+
 def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
               backend: str | None) -> torch.Tensor:
     """Apply ``seq`` with its (depthwise conv, BN) pairs as ``ops.dwconv_bn`` and its
-    (1x1 conv, BN, ReLU) triples as ``ops.pwconv_bn_relu``.
+    (1x1 conv, BN, ReLU) triples as ``ops.pwconv_bn_relu``; a ``seq`` made only of such layers
+    (every branch of the SPOS blocks) runs as one ``ops.conv_bn_chain``.
 
     ``norm_stats(bn)`` -> ``(running_mean [G, C], running_var [G, C], G, done)``: the
     statistics of the G row groups of x for that BN (updated in place in training), and
@@ -83,6 +118,19 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
     ``run_sequential`` with the matching grouped ``batch_norm``.
     """
     mods = list(seq)
+    chain = _chain_layers(mods)
+    if chain is not None and len(chain) > 1:
+        stats = [norm_stats(bn) for _, bn, _ in chain]
+        if len({groups for _, _, groups, _ in stats}) == 1:
+            x = ops.conv_bn_chain(
+                x, [conv.weight for conv, _, _ in chain], [kind for _, _, kind in chain],
+                [mean for mean, _, _, _ in stats], [var for _, var, _, _ in stats],
+                groups=stats[0][2], training=training,
+                momentums=[_momentum(bn, norm_stats) for _, bn, _ in chain],
+                eps=chain[0][1].eps, backend=backend)
+            for *_, done in stats:
+                done()
+            return x
     i = 0
     while i < len(mods):
         m = mods[i]
@@ -93,15 +141,8 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
             continue
         relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
         mean, var, groups, done = norm_stats(bn)
-        momentum = bn.momentum
-        if momentum is None:
-            # nn.BatchNorm2d's cumulative average over the module's own batches; grouped
-            # (per-subnet) statistics keep no batch count and use the default 0.1.
-            tracked = bn.num_batches_tracked
-            momentum = (1.0 / (int(tracked) + 1) if norm_stats is module_stats
-                        and tracked is not None else 0.1)
-        kw = dict(groups=groups, training=training, momentum=momentum, eps=bn.eps,
-                  backend=backend)
+        kw = dict(groups=groups, training=training, momentum=_momentum(bn, norm_stats),
+                  eps=bn.eps, backend=backend)
         if _is_depthwise(m) and not relu:
             x = ops.dwconv_bn(x, m.weight, m.stride[0], mean, var, **kw)
             i += 2
@@ -109,8 +150,8 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
             x = ops.pwconv_bn_relu(x, m.weight, mean, var, **kw)
             i += 3
         else:
-            x = ops.reference.grouped_batch_norm(m(x), groups, mean, var, training, momentum,
-                                                 bn.eps)
+            x = ops.reference.grouped_batch_norm(m(x), groups, mean, var, training,
+                                                 kw["momentum"], bn.eps)
             i += 2
         done()
     return x

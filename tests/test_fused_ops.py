@@ -1,4 +1,4 @@
-"""Fused block ops (dwconv_bn, pwconv_bn_relu) against ops.reference: values, running
+"""Fused block ops (dwconv_bn, pwconv_bn_relu, conv_bn_chain) against ops.reference: values, running
 statistics and gradients over backend x dtype x shape x mode, gradcheck in float64, opcheck,
 torch.compile parity, argument errors, and the fused supernet / engine paths against the
 reference backend."""
@@ -292,6 +292,165 @@ def test_argument_errors_name_the_problem(backend, device):
     with pytest.raises(ValueError, match=r"eval mode needs running_mean and running_var"):
         ops.pwconv_bn_relu(x, torch.randn(4, 6, 1, 1, device=device), None, None,
                            training=False, backend=backend)
+
+
+# conv_bn_chain: (layers, rows, in channels, height, width, groups); layer codes as the op's
+# (0 pointwise, 1/2 depthwise stride), channel counts and kernels from _chain_weights
+CHAINS = [((0, 2, 0), 4, 6, 9, 7, 2), ((1, 0, 1, 0, 1, 0), 3, 5, 5, 6, 1), ((2, 0), 6, 8, 4, 4, 3),
+          ((0,), 2, 5, 3, 3, 1), ((2, 0, 1), 0, 4, 4, 4, 1), ((0, 2, 0), 1, 3, 3, 2, 1),
+          ((2, 1, 0), 2, 4, 3, 3, 1)]
+
+
+def _chain_weights(layers, c, dtype, device):
+    """Weights of a chain starting at c channels: pointwise layers widen to c + 3, depthwise
+    kernels cycle 7, 3, 5 by position (7 or 5 on a map of 1 to 3 pixels exercises the tap
+    crop of ops.dwconv_bn)."""
+    weights, kernels = [], [7, 3, 5]
+    for i, kind in enumerate(layers):
+        if kind == 0:
+            weights.append(torch.randn(c + 3, c, 1, 1, dtype=dtype, device=device))
+            c += 3
+        else:
+            k = kernels[i % 3]
+            weights.append(torch.randn(c, 1, k, k, dtype=dtype, device=device))
+    return weights
+
+
+def _chain_cases():
+    for backend, device in PAIRS:
+        for dtype in _dtypes(device):
+            if _interpreted(backend, device) and dtype != torch.float64:
+                continue
+            for case in CHAINS:
+                if _interpreted(backend, device) and case is not CHAINS[0]:
+                    continue
+                name = str(dtype).removeprefix("torch.")
+                yield pytest.param(backend, device, dtype, case,
+                                   id=f"{backend}-{device}-{name}-{''.join(map(str, case[0]))}")
+
+
+def _run_chain(backend, x, weights, layers, stats, training, grad_out=None):
+    means, vars_ = [m.clone() for m in stats[0]], [v.clone() for v in stats[1]]
+    x = x.detach().clone().requires_grad_(True)
+    weights = [w.detach().clone().requires_grad_(True) for w in weights]
+    y = ops.conv_bn_chain(x, weights, layers, means, vars_, groups=stats[0][0].shape[0],
+                          training=training, momentums=[0.1 * (i + 1) for i in range(len(layers))],
+                          backend=backend)
+    grads = torch.autograd.grad(y, [x] + weights, grad_out) if grad_out is not None else None
+    return y, means, vars_, grads
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device,dtype,case", list(_chain_cases()))
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+def test_conv_bn_chain_matches_reference(backend, device, dtype, case, training, layout):
+    """conv_bn_chain equals the reference chain (the layer ops in turn): output, every layer's
+    running statistics, and the gradients of x and every weight."""
+    if dtype in LOW_PRECISION:
+        pytest.skip("low precision: test_low_precision_error")
+    layers, rows, c, h, w, groups = case
+    torch.manual_seed(0)
+    x = _input((rows, c, h, w), dtype, device, layout)
+    weights = _chain_weights(layers, c, dtype, device)
+    stats = ([torch.randn(groups, wt.shape[0], dtype=dtype, device=device) for wt in weights],
+             [torch.rand(groups, wt.shape[0], dtype=dtype, device=device) + 0.5
+              for wt in weights])
+    y_ref = _run_chain("reference", x, weights, layers, stats, training)[0]
+    g = torch.randn_like(y_ref)
+    y_ref, m_ref, v_ref, grads_ref = _run_chain("reference", x, weights, layers, stats, training,
+                                                g)
+    y, m, v, grads = _run_chain(backend, x, weights, layers, stats, training, g)
+    _assert_close(y, y_ref, dtype, "output")
+    for i in range(len(layers)):
+        _assert_close(m[i], m_ref[i], dtype, f"running_mean {i}")
+        _assert_close(v[i], v_ref[i], dtype, f"running_var {i}")
+    _assert_close(grads[0], grads_ref[0], dtype, "grad x")
+    for i in range(len(layers)):
+        _assert_close(grads[i + 1], grads_ref[i + 1], dtype, f"grad weight {i}")
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_conv_bn_chain_gradcheck_opcheck(backend, device):
+    """float64 gradcheck of the chain (x and every weight), opcheck of its forward and
+    backward schemas in both modes."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device=device)
+    layers = [0, 2, 0] if _interpreted(backend, device) else [1, 0, 2, 0]
+    weights = _chain_weights(layers, 4, torch.float64, device)
+    x = torch.randn(4, 4, 5, 5, **kw)
+    stats = [(torch.randn(2, wt.shape[0], **kw), torch.rand(2, wt.shape[0], **kw) + 0.5)
+             for wt in weights]
+    for training in (True, False):
+        def chain(x, *weights, training=training):  # fresh statistics every call
+            return ops.conv_bn_chain(x, list(weights), layers, [m.clone() for m, _ in stats],
+                                     [v.clone() for _, v in stats], groups=2,
+                                     training=training, momentums=[0.1] * len(layers),
+                                     backend=backend)
+
+        args = [x.clone().requires_grad_(True)] + [wt.clone().requires_grad_(True)
+                                                   for wt in weights]
+        assert torch.autograd.gradcheck(chain, args, fast_mode=_interpreted(backend, device))
+    suffix = "_triton" if backend == "triton" else ""
+    fwd = getattr(torch.ops.fastshift, "conv_bn_chain" + suffix)
+    bwd = getattr(torch.ops.fastshift, "conv_bn_chain_backward" + suffix)
+    xc = x.contiguous(memory_format=torch.channels_last)
+    means, vars_ = [m for m, _ in stats], [v for _, v in stats]
+    for training in (True, False):
+        args = (xc.clone().requires_grad_(True), [wt.clone().requires_grad_(True)
+                                                  for wt in weights], layers, means, vars_, 2,
+                1e-5, training)
+        torch.library.opcheck(fwd, args)
+        y, saved, _, var_b = fwd(xc, weights, layers, means, vars_, 2, 1e-5, training)
+        torch.library.opcheck(bwd, (torch.randn_like(y), xc, weights, layers, y, saved, var_b,
+                                    2, 1e-5, training))
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p[0] != "triton"])
+def test_conv_bn_chain_compile_parity(backend, device):
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float32, device=device)
+    x = torch.randn(4, 6, 6, 6, **kw).contiguous(memory_format=torch.channels_last)
+    weights = [wt.requires_grad_(True) for wt in _chain_weights([0, 1, 0], 6, torch.float32,
+                                                                device)]
+
+    def branch(x, *weights):
+        means = [torch.zeros(2, wt.shape[0], **kw) for wt in weights]
+        vars_ = [torch.ones(2, wt.shape[0], **kw) for wt in weights]
+        return ops.conv_bn_chain(x, list(weights), [0, 1, 0], means, vars_, groups=2,
+                                 training=True, momentums=[0.1] * 3,
+                                 backend=backend).square().sum()
+
+    eager = branch(x, *weights)
+    g_eager = torch.autograd.grad(eager, weights)
+    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)
+    out = compiled(x, *weights)
+    g_out = torch.autograd.grad(out, weights)
+    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g_out, g_eager):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device", PAIRS)
+def test_conv_bn_chain_errors_name_the_problem(backend, device):
+    x = torch.randn(4, 6, 5, 5, device=device)
+    w_pw, w_dw = torch.randn(8, 6, 1, 1, device=device), torch.randn(8, 1, 3, 3, device=device)
+    st = [torch.zeros(8, device=device)] * 2, [torch.ones(8, device=device)] * 2
+    with pytest.raises(ValueError, match=r"one entry per layer, got \[2, 2, 2, 2, 1\]"):
+        ops.conv_bn_chain(x, [w_pw, w_dw], [0, 1], *st, training=True, momentums=[0.1],
+                          backend=backend)
+    with pytest.raises(RuntimeError, match=r"layers\[1\] must be 0 \(pointwise\), 1 or 2"):
+        ops.conv_bn_chain(x, [w_pw, w_dw], [0, 3], *st, training=True, momentums=[0.1] * 2,
+                          backend=backend)
+    # a layer's own check names the layer op and the mismatch
+    with pytest.raises(RuntimeError, match=r"dwconv_bn: weight must be \[C, 1, k, k\] with C = 8"):
+        ops.conv_bn_chain(x, [w_pw, torch.randn(5, 1, 3, 3, device=device)], [0, 1],
+                          [torch.zeros(8, device=device), torch.zeros(5, device=device)],
+                          [torch.ones(8, device=device), torch.ones(5, device=device)],
+                          training=True, momentums=[0.1] * 2, backend=backend)
 
 
 def _nets(space, backend_a, backend_b, dtype=torch.float64):

@@ -27,7 +27,8 @@ from ._registry import BUILD_ERROR, HAVE_C, cuda_built
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
-           "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "reference",
+           "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
+           "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "triton_usable", "tune_cpu_allocator"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
@@ -148,6 +149,19 @@ def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, trainin
         reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
 
 
+def _live_taps(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """A depthwise weight cropped to the taps that can meet an input pixel of an h x w map.
+
+    Exact: only the central 2 max(h, w) - 1 taps ever do (any stride); the cropped taps get
+    zero gradient through the slice."""
+    k = weight.shape[-1]
+    live = 2 * max(h, w) - 1
+    if weight.dim() == 4 and k > live and k % 2 == 1:
+        off = (k - live) // 2
+        weight = weight[:, :, off:off + live, off:off + live]
+    return weight
+
+
 def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
               running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
               groups: int = 1, training: bool, momentum: float = 0.1, eps: float = 1e-5,
@@ -167,16 +181,10 @@ def dwconv_bn(x: torch.Tensor, weight: torch.Tensor, stride: int,
                                    training=training, momentum=momentum, eps=eps)
     mean_in, var_in = _stats_args(x, x.shape[1], groups, running_mean, running_var, training,
                                   "dwconv_bn")
-    k = weight.shape[-1]
-    live = 2 * max(x.shape[2], x.shape[3]) - 1
-    if weight.dim() == 4 and k > live and k % 2 == 1:
-        # Exact: on an H x W map only the central 2 max(H, W) - 1 taps ever meet an input
-        # pixel (any stride); the cropped taps get zero gradient through the slice.
-        off = (k - live) // 2
-        weight = weight[:, :, off:off + live, off:off + live]
     op = (torch.ops.fastshift.dwconv_bn_triton.default if name == "triton"
           else torch.ops.fastshift.dwconv_bn.default)
-    y, mean, var = op(x, weight, mean_in, var_in, stride, groups, eps, training)
+    y, mean, var = op(x, _live_taps(weight, x.shape[2], x.shape[3]), mean_in, var_in, stride,
+                      groups, eps, training)
     _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
     return y
 
@@ -200,4 +208,51 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
           else torch.ops.fastshift.pwconv_bn_relu.default)
     y, _, mean, var = op(x, weight, mean_in, var_in, groups, eps, training)
     _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
+    return y
+
+
+def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars, *,
+                  groups: int = 1, training: bool, momentums, eps: float = 1e-5,
+                  backend: str | None = None) -> torch.Tensor:
+    """A branch of a choice block as one fused op: the layers in turn, ``layers[i] == 0`` a
+    ``pwconv_bn_relu`` layer, 1 or 2 a ``dwconv_bn`` layer of that stride.
+
+    ``weights[i]``, ``running_means[i]`` / ``running_vars[i]`` (``[G, C_i]`` or ``[C_i]``,
+    None in training for no running update) and ``momentums[i]`` are that layer's, as in
+    :func:`dwconv_bn` / :func:`pwconv_bn_relu`; ``groups``, ``training`` and ``eps`` are shared.
+    Same values, gradients (x and every weight) and running statistics as calling those ops in
+    turn (``reference.conv_bn_chain``); one autograd node and one op call for the whole chain
+    instead of one per layer. Returns the last layer's output (channels-last from the compiled
+    backends).
+    """
+    name = resolve_backend(backend, x.device)
+    layers = [int(k) for k in layers]
+    if name == "reference":
+        return reference.conv_bn_chain(x, weights, layers, running_means, running_vars,
+                                       groups=groups, training=training, momentums=momentums,
+                                       eps=eps)
+    counts = [len(v) for v in (weights, layers, running_means, running_vars, momentums)]
+    if len(set(counts)) != 1:
+        raise ValueError("conv_bn_chain: weights, layers, running_means, running_vars and "
+                         f"momentums need one entry per layer, got {counts}")
+    h, w = x.shape[2], x.shape[3]
+    live, means, vars_ = [], [], []
+    for weight, kind, mean, var in zip(weights, layers, running_means, running_vars):
+        channels = weight.shape[0]
+        m, v = _stats_args(x, channels, groups, mean, var, training, "conv_bn_chain")
+        means.append(m)
+        vars_.append(v)
+        if kind != 0:
+            weight = _live_taps(weight, h, w)
+            k = weight.shape[-1]
+            h, w = (h + 2 * (k // 2) - k) // kind + 1, (w + 2 * (k // 2) - k) // kind + 1
+        live.append(weight)
+    op = (torch.ops.fastshift.conv_bn_chain_triton.default if name == "triton"
+          else torch.ops.fastshift.conv_bn_chain.default)
+    y, saved, batch_mean, batch_var = op(x, live, layers, means, vars_, groups, eps, training)
+    n = len(layers)
+    outs = list(saved[:n - 1]) + [y]
+    for i in range(n):
+        _update_running(outs[i], batch_mean[i], batch_var[i], means[i], vars_[i],
+                        running_means[i], groups, training, momentums[i])
     return y

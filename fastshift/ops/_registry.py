@@ -115,6 +115,30 @@ if HAVE_C:
         return _channels_last_empty(x, tuple(x.shape)), torch.empty_like(
             weight, memory_format=torch.contiguous_format)
 
+    def _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training):
+        torch._check(len(weights) == len(layers) >= 1,
+                     lambda: "conv_bn_chain: one weight per layer, at least one layer")
+        h, saved, xhats, means, vars_ = x, [], [], [], []
+        for i, (w, kind) in enumerate(zip(weights, layers)):
+            if kind == 0:
+                y, xhat, m, v = _pwconv_bn_relu_fake(h, w, mean[i], var[i], groups, eps,
+                                                     training)
+            else:
+                y, m, v = _dwconv_bn_fake(h, w, mean[i], var[i], kind, groups, eps, training)
+                xhat = x.new_empty((0,))
+            if i + 1 < len(layers):
+                saved.append(y)
+            xhats.append(xhat)
+            means.append(m)
+            vars_.append(v)
+            h = y
+        return h, saved + xhats, means, vars_
+
+    def _conv_bn_chain_backward_fake(grad_y, x, weights, layers, y, saved, var, groups, eps,
+                                     training):
+        return _channels_last_empty(x, tuple(x.shape)), [
+            torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
+
     # Autograd: the gradient reaches x and weight through y only; the statistics outputs (and
     # pwconv_bn_relu's xhat) are saved state, not differentiable results. The backward of
     # `<op><suffix>` is the registered op `<op>_backward<suffix>`.
@@ -154,7 +178,35 @@ if HAVE_C:
             grad_x, grad_w = pw_backward(grad_y, x, weight, y, xhat, var, *ctx.args)
             return grad_x, grad_w, None, None, None, None, None
 
+        chain_backward = getattr(torch.ops.fastshift, "conv_bn_chain_backward" + suffix).default
+
+        def chain_setup(ctx, inputs, output):
+            x, weights, layers, _, _, groups, eps, training = inputs
+            y, saved, _, var = output
+            ctx.args = (list(layers), groups, eps, training)
+            ctx.n = len(weights)
+            ctx.save_for_backward(x, y, *weights, *saved, *var)
+            ctx.mark_non_differentiable(*saved, *output[2], *var)
+            ctx.set_materialize_grads(False)
+
+        def chain_grad(ctx, grad_y, _grad_saved, _grad_mean, _grad_var):
+            n = ctx.n
+            if grad_y is None:
+                return None, [None] * n, None, [None] * n, [None] * n, None, None, None
+            x, y, *rest = ctx.saved_tensors
+            weights, saved, var = rest[:n], rest[n:3 * n - 1], rest[3 * n - 1:]
+            layers, groups, eps, training = ctx.args
+            grad_x, grad_w = chain_backward(grad_y, x, weights, layers, y, saved, var, groups,
+                                            eps, training)
+            # one entry per element of each Tensor[] input (mean and var get none)
+            return grad_x, list(grad_w), None, [None] * n, [None] * n, None, None, None
+
         lib = "fastshift::"
+        torch.library.register_fake(lib + "conv_bn_chain" + suffix, _conv_bn_chain_fake)
+        torch.library.register_fake(lib + "conv_bn_chain_backward" + suffix,
+                                    _conv_bn_chain_backward_fake)
+        torch.library.register_autograd(lib + "conv_bn_chain" + suffix, chain_grad,
+                                        setup_context=chain_setup)
         torch.library.register_fake(lib + "dwconv_bn" + suffix, _dwconv_bn_fake)
         torch.library.register_fake(lib + "dwconv_bn_backward" + suffix,
                                     _dwconv_bn_backward_fake)

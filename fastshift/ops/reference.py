@@ -175,6 +175,20 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
                                          eps))
 
 
+def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars, *,
+                  groups: int = 1, training: bool, momentums, eps: float = 1e-5) -> torch.Tensor:
+    """A chain of the two layer ops: for each layer i in turn, ``pwconv_bn_relu`` when
+    ``layers[i] == 0``, else ``dwconv_bn`` of stride ``layers[i]`` (1 or 2), with
+    ``weights[i]``, statistics ``running_means[i]`` / ``running_vars[i]`` and ``momentums[i]``.
+    This is the definition of ``fastshift.ops.conv_bn_chain``."""
+    for w, kind, mean, var, momentum in zip(weights, layers, running_means, running_vars,
+                                            momentums, strict=True):
+        kw = dict(groups=groups, training=training, momentum=momentum, eps=eps)
+        x = (pwconv_bn_relu(x, w, mean, var, **kw) if kind == 0
+             else dwconv_bn(x, w, kind, mean, var, **kw))
+    return x
+
+
 def _as_groups(stats: torch.Tensor | None, groups: int) -> torch.Tensor | None:
     """``[C]`` statistics (one group) as a ``[1, C]`` view, so in-place updates reach them."""
     if stats is None or stats.dim() == 2:
