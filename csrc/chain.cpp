@@ -57,86 +57,107 @@ const LayerOps& layer_ops(bool triton) {
 }
 
 // layers[i]: 0 = pointwise (1x1 conv + BN + ReLU), 1 or 2 = depthwise conv of that stride + BN.
-void check_chain(const char* op, at::IntArrayRef layers, size_t weights, size_t mean,
-                 size_t var) {
+// Returns the channel count of every layer's output (its statistics' width).
+std::vector<int64_t> check_chain(const char* op, at::IntArrayRef layers, at::TensorList weights,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t groups) {
   const size_t n = layers.size();
   TORCH_CHECK(n >= 1, op, ": the chain needs at least one layer");
-  TORCH_CHECK(weights == n && mean == n && var == n, op, ": layers, weights, mean and var must "
-              "have one entry per layer, got ", n, ", ", weights, ", ", mean, " and ", var);
-  for (size_t i = 0; i < n; ++i)
+  TORCH_CHECK(weights.size() == n, op, ": one weight per layer: ", n, " layers, got ",
+              weights.size(), " weights");
+  std::vector<int64_t> channels(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
     TORCH_CHECK(layers[i] >= 0 && layers[i] <= 2, op, ": layers[", i, "] must be 0 "
                 "(pointwise), 1 or 2 (depthwise stride), got ", layers[i]);
+    TORCH_CHECK(weights[i].dim() == 4, op, ": weights[", i, "] must be 4-D, got ",
+                weights[i].sizes());
+    channels[i] = weights[i].size(0);
+    total += channels[i];
+  }
+  for (const at::Tensor* s : {&mean, &var})
+    TORCH_CHECK(s->dim() == 2 && s->size(0) == groups && s->size(1) == total, op, ": ",
+                s == &mean ? "mean" : "var", " must be [groups, sum of the layers' channels] = [",
+                groups, ", ", total, "], got ", s->sizes());
+  return channels;
 }
 
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-chain_forward(bool triton, const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers,
-              at::TensorList mean, at::TensorList var, int64_t groups, double eps,
-              bool training) {
-  check_chain("conv_bn_chain", layers, weights.size(), mean.size(), var.size());
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> chain_forward(
+    bool triton, const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers,
+    const at::Tensor& mean, const at::Tensor& var, int64_t groups, double eps, bool training) {
+  const std::vector<int64_t> channels =
+      check_chain("conv_bn_chain", layers, weights, mean, var, groups);
   const LayerOps& ops = layer_ops(triton);
   const size_t n = layers.size();
-  // saved: the outputs of layers 0 .. n-2 (the inputs of layers 1 .. n-1), then one xhat per
-  // layer (pointwise layers in training; an empty tensor otherwise)
+  // saved: the outputs of layers 0 .. n-2 (the inputs of layers 1 .. n-1), then the xhat of
+  // each pointwise layer (training; empty in eval)
   std::vector<at::Tensor> saved, xhats, means, vars;
-  saved.reserve(2 * n - 1);
   means.reserve(n);
   vars.reserve(n);
   at::Tensor h = x;
+  int64_t off = 0;
   for (size_t i = 0; i < n; ++i) {
+    const at::Tensor m_in = mean.narrow(1, off, channels[i]);
+    const at::Tensor v_in = var.narrow(1, off, channels[i]);
+    off += channels[i];
     at::Tensor y, xhat, m, v;
     if (layers[i] == 0) {
-      std::tie(y, xhat, m, v) = ops.pw.call(h, weights[i], mean[i], var[i], groups, eps, training);
+      std::tie(y, xhat, m, v) = ops.pw.call(h, weights[i], m_in, v_in, groups, eps, training);
+      xhats.push_back(std::move(xhat));
     } else {
-      std::tie(y, m, v) =
-          ops.dw.call(h, weights[i], mean[i], var[i], layers[i], groups, eps, training);
-      xhat = at::empty({0}, x.options());
+      std::tie(y, m, v) = ops.dw.call(h, weights[i], m_in, v_in, layers[i], groups, eps, training);
     }
     if (i + 1 < n) saved.push_back(y);
-    xhats.push_back(std::move(xhat));
     means.push_back(std::move(m));
     vars.push_back(std::move(v));
     h = std::move(y);
   }
   saved.insert(saved.end(), xhats.begin(), xhats.end());
-  return {h, saved, means, vars};
+  return {h, saved, at::cat(means, 1), at::cat(vars, 1)};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_backward(
     bool triton, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, at::TensorList var,
+    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
     int64_t groups, double eps, bool training) {
+  const char* op = "conv_bn_chain_backward";
+  const std::vector<int64_t> channels = check_chain(op, layers, weights, var, var, groups);
   const size_t n = layers.size();
-  check_chain("conv_bn_chain_backward", layers, weights.size(), var.size(), var.size());
-  TORCH_CHECK(saved.size() == 2 * n - 1, "conv_bn_chain_backward: saved must hold ", 2 * n - 1,
+  size_t pointwise = 0;
+  for (size_t i = 0; i < n; ++i) pointwise += layers[i] == 0;
+  TORCH_CHECK(saved.size() == n - 1 + pointwise, op, ": saved must hold ", n - 1 + pointwise,
               " tensors (the forward's), got ", saved.size());
   const LayerOps& ops = layer_ops(triton);
   std::vector<at::Tensor> grad_w(n);
   at::Tensor g = grad_y;
+  int64_t off = var.size(1);
+  size_t xhat = saved.size();
   for (size_t j = n; j-- > 0;) {
     const at::Tensor& in = j == 0 ? x : saved[j - 1];
     const at::Tensor& out = j + 1 == n ? y : saved[j];
+    off -= channels[j];
+    const at::Tensor v = var.narrow(1, off, channels[j]);
     if (layers[j] == 0) {
-      std::tie(g, grad_w[j]) = ops.pw_backward.call(g, in, weights[j], out, saved[n - 1 + j],
-                                                    var[j], groups, eps, training);
-    } else {
-      std::tie(g, grad_w[j]) = ops.dw_backward.call(g, in, weights[j], out, var[j], layers[j],
+      std::tie(g, grad_w[j]) = ops.pw_backward.call(g, in, weights[j], out, saved[--xhat], v,
                                                     groups, eps, training);
+    } else {
+      std::tie(g, grad_w[j]) =
+          ops.dw_backward.call(g, in, weights[j], out, v, layers[j], groups, eps, training);
     }
   }
   return {g, grad_w};
 }
 
 template <bool Triton>
-std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>>
-forward_body(const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers,
-             at::TensorList mean, at::TensorList var, int64_t groups, double eps, bool training) {
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_body(
+    const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers, const at::Tensor& mean,
+    const at::Tensor& var, int64_t groups, double eps, bool training) {
   return chain_forward(Triton, x, weights, layers, mean, var, groups, eps, training);
 }
 
 template <bool Triton>
 std::tuple<at::Tensor, std::vector<at::Tensor>> backward_body(
     const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, at::TensorList var,
+    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
     int64_t groups, double eps, bool training) {
   return chain_backward(Triton, grad_y, x, weights, layers, y, saved, var, groups, eps,
                         training);

@@ -64,25 +64,26 @@ TORCH_LIBRARY(fastshift, m) {
         "Tensor xhat, Tensor var, int groups, float eps, bool training) -> "
         "(Tensor grad_x, Tensor grad_weight)");
   // A branch of a choice block as one op: x through the layers in order, layers[i] = 0 for a
-  // pwconv_bn_relu layer, 1 or 2 for a dwconv_bn layer of that stride, with weights[i] and the
-  // statistics mean[i] / var[i] [G, C_i] of that layer op (same groups, eps and training).
-  // Returns y (the last layer's), saved (the outputs of layers 0 .. n-2, then one xhat per
-  // layer: pwconv_bn_relu's in training, empty otherwise) and each layer's mean and var, all
-  // equal to calling the layer ops in turn. Bodies: csrc/chain.cpp (through the layer ops).
-  m.def("conv_bn_chain(Tensor x, Tensor[] weights, int[] layers, Tensor[] mean, Tensor[] var, "
-        "int groups, float eps, bool training) -> "
-        "(Tensor y, Tensor[] saved, Tensor[] mean, Tensor[] var)");
+  // pwconv_bn_relu layer, 1 or 2 for a dwconv_bn layer of that stride, with weights[i] (same
+  // groups, eps and training). Statistics side by side: mean/var [G, sum_i C_i], layer i's
+  // [G, C_i] (C_i = weights[i].size(0)) after those of layers 0 .. i-1, in and out.
+  // Returns y (the last layer's), saved (the outputs of layers 0 .. n-2, then the xhat of each
+  // pwconv_bn_relu layer: in training; empty in eval) and the batch mean and var, all equal to
+  // calling the layer ops in turn. Bodies: csrc/chain.cpp (through the layer ops).
+  m.def("conv_bn_chain(Tensor x, Tensor[] weights, int[] layers, Tensor mean, Tensor var, "
+        "int groups, float eps, bool training) -> (Tensor y, Tensor[] saved, Tensor mean, "
+        "Tensor var)");
   // Gradients of conv_bn_chain's y with respect to x and every weight (the layer ops'
   // backwards in reverse order), from the forward's y, saved and var.
   m.def("conv_bn_chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "
-        "Tensor y, Tensor[] saved, Tensor[] var, int groups, float eps, bool training) -> "
+        "Tensor y, Tensor[] saved, Tensor var, int groups, float eps, bool training) -> "
         "(Tensor grad_x, Tensor[] grad_weights)");
   // The same through the Triton layer ops.
-  m.def("conv_bn_chain_triton(Tensor x, Tensor[] weights, int[] layers, Tensor[] mean, "
-        "Tensor[] var, int groups, float eps, bool training) -> "
-        "(Tensor y, Tensor[] saved, Tensor[] mean, Tensor[] var)");
+  m.def("conv_bn_chain_triton(Tensor x, Tensor[] weights, int[] layers, Tensor mean, "
+        "Tensor var, int groups, float eps, bool training) -> (Tensor y, Tensor[] saved, "
+        "Tensor mean, Tensor var)");
   m.def("conv_bn_chain_backward_triton(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "
-        "Tensor y, Tensor[] saved, Tensor[] var, int groups, float eps, bool training) -> "
+        "Tensor y, Tensor[] saved, Tensor var, int groups, float eps, bool training) -> "
         "(Tensor grad_x, Tensor[] grad_weights)");
   // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   m.def("cuda_version() -> int");

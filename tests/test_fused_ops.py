@@ -396,7 +396,7 @@ def test_conv_bn_chain_gradcheck_opcheck(backend, device):
     fwd = getattr(torch.ops.fastshift, "conv_bn_chain" + suffix)
     bwd = getattr(torch.ops.fastshift, "conv_bn_chain_backward" + suffix)
     xc = x.contiguous(memory_format=torch.channels_last)
-    means, vars_ = [m for m, _ in stats], [v for _, v in stats]
+    means, vars_ = torch.cat([m for m, _ in stats], 1), torch.cat([v for _, v in stats], 1)
     for training in (True, False):
         args = (xc.clone().requires_grad_(True), [wt.clone().requires_grad_(True)
                                                   for wt in weights], layers, means, vars_, 2,
@@ -445,6 +445,15 @@ def test_conv_bn_chain_errors_name_the_problem(backend, device):
     with pytest.raises(RuntimeError, match=r"layers\[1\] must be 0 \(pointwise\), 1 or 2"):
         ops.conv_bn_chain(x, [w_pw, w_dw], [0, 3], *st, training=True, momentums=[0.1] * 2,
                           backend=backend)
+    with pytest.raises(ValueError, match=r"eval mode needs every layer's running_mean"):
+        ops.conv_bn_chain(x, [w_pw, w_dw], [0, 1], [None, None], [None, None],
+                          training=False, momentums=[0.1] * 2, backend=backend)
+    op = getattr(torch.ops.fastshift,
+                 "conv_bn_chain_triton" if backend == "triton" else "conv_bn_chain")
+    with pytest.raises(RuntimeError, match=r"mean must be \[groups, sum of the layers' "
+                                           r"channels\] = \[1, 16\], got \[1, 8\]"):
+        op(x, [w_pw, w_dw], [0, 1], torch.zeros(1, 8, device=device),
+           torch.ones(1, 16, device=device), 1, 1e-5, True)
     # a layer's own check names the layer op and the mismatch
     with pytest.raises(RuntimeError, match=r"dwconv_bn: weight must be \[C, 1, k, k\] with C = 8"):
         ops.conv_bn_chain(x, [w_pw, torch.randn(5, 1, 3, 3, device=device)], [0, 1],

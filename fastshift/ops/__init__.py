@@ -236,23 +236,35 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
         raise ValueError("conv_bn_chain: weights, layers, running_means, running_vars and "
                          f"momentums need one entry per layer, got {counts}")
     h, w = x.shape[2], x.shape[3]
-    live, means, vars_ = [], [], []
-    for weight, kind, mean, var in zip(weights, layers, running_means, running_vars):
-        channels = weight.shape[0]
-        m, v = _stats_args(x, channels, groups, mean, var, training, "conv_bn_chain")
-        means.append(m)
-        vars_.append(v)
+    live = []
+    for weight, kind in zip(weights, layers):
         if kind != 0:
             weight = _live_taps(weight, h, w)
             k = weight.shape[-1]
             h, w = (h + 2 * (k // 2) - k) // kind + 1, (w + 2 * (k // 2) - k) // kind + 1
         live.append(weight)
+    sizes = [weight.shape[0] for weight in weights]
+    # the layers' [G, C_i] statistics side by side: the running ones in eval, a placeholder in
+    # training (where the op computes batch statistics)
+    if training:
+        mean_in = var_in = x.new_ones((groups, sum(sizes)))
+    else:
+        if any(s is None for s in (*running_means, *running_vars)):
+            raise ValueError("conv_bn_chain: eval mode needs every layer's running_mean and "
+                             "running_var")
+        mean_in = torch.cat([m.view(groups, -1) for m in running_means], 1)
+        var_in = torch.cat([v.view(groups, -1) for v in running_vars], 1)
     op = (torch.ops.fastshift.conv_bn_chain_triton.default if name == "triton"
           else torch.ops.fastshift.conv_bn_chain.default)
-    y, saved, batch_mean, batch_var = op(x, live, layers, means, vars_, groups, eps, training)
-    n = len(layers)
-    outs = list(saved[:n - 1]) + [y]
-    for i in range(n):
-        _update_running(outs[i], batch_mean[i], batch_var[i], means[i], vars_[i],
-                        running_means[i], groups, training, momentums[i])
+    y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)
+    if training and y.shape[0]:
+        count, hw = y.shape[0] // groups, [t.shape[2] * t.shape[3] for t in saved[:len(sizes) - 1]]
+        hw.append(y.shape[2] * y.shape[3])
+        for mean, var, running_mean, running_var, momentum, n_hw in zip(
+                batch_mean.split(sizes, 1), batch_var.split(sizes, 1), running_means,
+                running_vars, momentums, hw):
+            if running_mean is not None:
+                reference.update_running_stats(running_mean.view(groups, -1),
+                                                running_var.view(groups, -1), mean, var,
+                                                count * n_hw, momentum)
     return y

@@ -118,21 +118,20 @@ if HAVE_C:
     def _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training):
         torch._check(len(weights) == len(layers) >= 1,
                      lambda: "conv_bn_chain: one weight per layer, at least one layer")
-        h, saved, xhats, means, vars_ = x, [], [], [], []
+        h, saved, xhats, off = x, [], [], 0
         for i, (w, kind) in enumerate(zip(weights, layers)):
+            c = w.shape[0]
+            m, v = mean[:, off:off + c], var[:, off:off + c]
+            off += c
             if kind == 0:
-                y, xhat, m, v = _pwconv_bn_relu_fake(h, w, mean[i], var[i], groups, eps,
-                                                     training)
+                y, xhat, _, _ = _pwconv_bn_relu_fake(h, w, m, v, groups, eps, training)
+                xhats.append(xhat)
             else:
-                y, m, v = _dwconv_bn_fake(h, w, mean[i], var[i], kind, groups, eps, training)
-                xhat = x.new_empty((0,))
+                y, _, _ = _dwconv_bn_fake(h, w, m, v, kind, groups, eps, training)
             if i + 1 < len(layers):
                 saved.append(y)
-            xhats.append(xhat)
-            means.append(m)
-            vars_.append(v)
             h = y
-        return h, saved + xhats, means, vars_
+        return h, saved + xhats, x.new_empty((groups, off)), x.new_empty((groups, off))
 
     def _conv_bn_chain_backward_fake(grad_y, x, weights, layers, y, saved, var, groups, eps,
                                      training):
@@ -185,21 +184,19 @@ if HAVE_C:
             y, saved, _, var = output
             ctx.args = (list(layers), groups, eps, training)
             ctx.n = len(weights)
-            ctx.save_for_backward(x, y, *weights, *saved, *var)
-            ctx.mark_non_differentiable(*saved, *output[2], *var)
+            ctx.save_for_backward(x, y, var, *weights, *saved)
+            ctx.mark_non_differentiable(*saved, output[2], var)
             ctx.set_materialize_grads(False)
 
         def chain_grad(ctx, grad_y, _grad_saved, _grad_mean, _grad_var):
             n = ctx.n
             if grad_y is None:
-                return None, [None] * n, None, [None] * n, [None] * n, None, None, None
-            x, y, *rest = ctx.saved_tensors
-            weights, saved, var = rest[:n], rest[n:3 * n - 1], rest[3 * n - 1:]
+                return None, [None] * n, None, None, None, None, None, None
+            x, y, var, *rest = ctx.saved_tensors
             layers, groups, eps, training = ctx.args
-            grad_x, grad_w = chain_backward(grad_y, x, weights, layers, y, saved, var, groups,
-                                            eps, training)
-            # one entry per element of each Tensor[] input (mean and var get none)
-            return grad_x, list(grad_w), None, [None] * n, [None] * n, None, None, None
+            grad_x, grad_w = chain_backward(grad_y, x, rest[:n], layers, y, rest[n:], var,
+                                            groups, eps, training)
+            return grad_x, list(grad_w), None, None, None, None, None, None
 
         lib = "fastshift::"
         torch.library.register_fake(lib + "conv_bn_chain" + suffix, _conv_bn_chain_fake)
