@@ -106,13 +106,25 @@ struct DwShape {
 inline int64_t padded_h(const DwShape& s) { return s.H + 2 * s.P(); }
 inline int64_t padded_w(const DwShape& s) { return s.W + 2 * s.P(); }
 
+// dst [PH, PW, C] := zeros with the image src [rows, cols, C] at offset (top, left): each
+// element written once (the border zeroed, the interior copied), not zero-filled first.
+template <typename T>
+inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_t PH,
+                        int64_t PW, int64_t top, int64_t left, int64_t C) {
+  std::fill(dst, dst + top * PW * C, T(0));
+  for (int64_t h = 0; h < rows; ++h) {
+    T* row = dst + (top + h) * PW * C;
+    std::fill(row, row + left * C, T(0));
+    std::copy(src + h * cols * C, src + (h + 1) * cols * C, row + left * C);
+    std::fill(row + (left + cols) * C, row + PW * C, T(0));
+  }
+  std::fill(dst + (top + rows) * PW * C, dst + PH * PW * C, T(0));
+}
+
 // pad [(H + 2P), (W + 2P), C] := zeros with the image x [H, W, C] at offset (P, P).
 template <typename T>
 inline void pad_image(const T* x, T* pad, const DwShape& s) {
-  const int64_t P = s.P(), PW = padded_w(s), C = s.C;
-  std::fill(pad, pad + padded_h(s) * PW * C, T(0));
-  for (int64_t h = 0; h < s.H; ++h)
-    std::copy(x + h * s.W * C, x + (h + 1) * s.W * C, pad + ((h + P) * PW + P) * C);
+  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C);
 }
 
 // pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
@@ -122,6 +134,10 @@ inline void pad_image(const T* x, T* pad, const DwShape& s) {
 template <typename T>
 inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
   const int64_t P = s.P(), PW = padded_w(s), C = s.C;
+  if (s.S == 1) {
+    embed_image(dz, s.OH, s.OW, pad, padded_h(s), PW, P, P, C);
+    return;
+  }
   std::fill(pad, pad + padded_h(s) * PW * C, T(0));
   for (int64_t oh = 0; oh < s.OH; ++oh)
     for (int64_t ow = 0; ow < s.OW; ++ow)
@@ -275,9 +291,7 @@ template <typename T>
 inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s, T* pad) {
   const Border bh = s2_border(s.H, s.OH, s.K), bw = s2_border(s.W, s.OW, s.K);
   const int64_t C = s.C, PW = s.OW + bw.lo + bw.hi, PH = s.OH + bh.lo + bh.hi;
-  std::fill(pad, pad + PH * PW * C, T(0));
-  for (int64_t oh = 0; oh < s.OH; ++oh)
-    std::copy(dz + oh * s.OW * C, dz + (oh + 1) * s.OW * C, pad + ((oh + bh.lo) * PW + bw.lo) * C);
+  embed_image(dz, s.OH, s.OW, pad, PH, PW, bh.lo, bw.lo, C);
   for (int64_t rh = 0; rh < 2; ++rh) {
     const Phase ph = phase_of(s.H, s.K, rh);
     if (ph.count == 0) continue;
