@@ -239,11 +239,26 @@ def test_torch_compile_parity(backend, device):
         return ops.pwconv_bn_relu(h, w_pw, None, None, groups=2, training=True,
                                   backend=backend).square().sum()
 
-    eager = block(x, w_dw, w_pw)
-    g_eager = torch.autograd.grad(eager, (w_dw, w_pw))
-    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
-    out = compiled(x, w_dw, w_pw)
-    g_out = torch.autograd.grad(out, (w_dw, w_pw))
+    _assert_compile_parity(block, x, [w_dw, w_pw])
+
+    def branch(x, *weights):  # conv_bn_chain: pointwise, depthwise, pointwise
+        means = [torch.zeros(2, wt.shape[0], **kw) for wt in weights]
+        vars_ = [torch.ones(2, wt.shape[0], **kw) for wt in weights]
+        return ops.conv_bn_chain(x, list(weights), [0, 1, 0], means, vars_, groups=2,
+                                 training=True, momentums=[0.1] * 3,
+                                 backend=backend).square().sum()
+
+    _assert_compile_parity(branch, x, [w.requires_grad_(True) for w in _chain_weights(
+        [0, 1, 0], 6, torch.float32, device)])
+
+
+def _assert_compile_parity(fn, x, params):
+    """fn(x, *params) (a scalar) and its gradients with respect to params: eager against
+    torch.compile (aot_eager, fullgraph)."""
+    eager = fn(x, *params)
+    g_eager = torch.autograd.grad(eager, params)
+    out = torch.compile(fn, backend="aot_eager", fullgraph=True)(x, *params)
+    g_out = torch.autograd.grad(out, params)
     torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
     for a, b in zip(g_out, g_eager):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
@@ -405,32 +420,6 @@ def test_conv_bn_chain_gradcheck_opcheck(backend, device):
         y, saved, _, var_b = fwd(xc, weights, layers, means, vars_, 2, 1e-5, training)
         torch.library.opcheck(bwd, (torch.randn_like(y), xc, weights, layers, y, saved, var_b,
                                     2, 1e-5, training))
-
-
-@needs_c
-@pytest.mark.parametrize("backend,device", [p for p in PAIRS if p[0] != "triton"])
-def test_conv_bn_chain_compile_parity(backend, device):
-    torch.manual_seed(0)
-    kw = dict(dtype=torch.float32, device=device)
-    x = torch.randn(4, 6, 6, 6, **kw).contiguous(memory_format=torch.channels_last)
-    weights = [wt.requires_grad_(True) for wt in _chain_weights([0, 1, 0], 6, torch.float32,
-                                                                device)]
-
-    def branch(x, *weights):
-        means = [torch.zeros(2, wt.shape[0], **kw) for wt in weights]
-        vars_ = [torch.ones(2, wt.shape[0], **kw) for wt in weights]
-        return ops.conv_bn_chain(x, list(weights), [0, 1, 0], means, vars_, groups=2,
-                                 training=True, momentums=[0.1] * 3,
-                                 backend=backend).square().sum()
-
-    eager = branch(x, *weights)
-    g_eager = torch.autograd.grad(eager, weights)
-    compiled = torch.compile(branch, backend="aot_eager", fullgraph=True)
-    out = compiled(x, *weights)
-    g_out = torch.autograd.grad(out, weights)
-    torch.testing.assert_close(out, eager, rtol=1e-5, atol=1e-5)
-    for a, b in zip(g_out, g_eager):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
 @needs_c
