@@ -4,8 +4,8 @@
 // The bodies are device-generic compositions: each layer calls the registered layer op through
 // the dispatcher, which picks the CPU, CUDA or Triton body from the tensors' device and the op
 // family (`suffix`: "" for the compiled bodies, "_triton" for the Triton ones). What the chain
-// saves is per-layer overhead outside the kernels: one autograd node, one Python wrapper call
-// and one set of argument checks per branch instead of per layer (README, "Performance").
+// saves is per-layer overhead outside the kernels: one autograd node and one Python wrapper
+// call per branch instead of per layer (README, "Performance").
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
@@ -163,21 +163,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_body(
                         training);
 }
 
+// CPU and CUDA alike: the layer ops' own bodies are picked per device by the dispatcher.
+void register_chain(torch::Library& m) {
+  m.impl("conv_bn_chain", &forward_body<false>);
+  m.impl("conv_bn_chain_backward", &backward_body<false>);
+  m.impl("conv_bn_chain_triton", &forward_body<true>);
+  m.impl("conv_bn_chain_backward_triton", &backward_body<true>);
+}
+
 }  // namespace
 
-// CPU and CUDA: the layer ops' own bodies are picked per device by the dispatcher.
-TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
-  m.impl("conv_bn_chain", &forward_body<false>);
-  m.impl("conv_bn_chain_backward", &backward_body<false>);
-  m.impl("conv_bn_chain_triton", &forward_body<true>);
-  m.impl("conv_bn_chain_backward_triton", &backward_body<true>);
-}
+TORCH_LIBRARY_IMPL(fastshift, CPU, m) { register_chain(m); }
 
-TORCH_LIBRARY_IMPL(fastshift, CUDA, m) {
-  m.impl("conv_bn_chain", &forward_body<false>);
-  m.impl("conv_bn_chain_backward", &backward_body<false>);
-  m.impl("conv_bn_chain_triton", &forward_body<true>);
-  m.impl("conv_bn_chain_backward_triton", &backward_body<true>);
-}
+TORCH_LIBRARY_IMPL(fastshift, CUDA, m) { register_chain(m); }
 
 }  // namespace fastshift

@@ -71,15 +71,18 @@ def _is_pointwise(m: nn.Conv2d) -> bool:
             and m.padding == (0, 0) and m.bias is None)
 
 
-def _chain_layers(mods) -> list | None:
-    """``[(conv, bn, kind)]`` when ``mods`` is a chain of (depthwise conv, BN) layers (kind =
-    the stride) and (1x1 conv, BN, ReLU) layers (kind 0) with one BN eps, else None."""
+def _layers(mods) -> list:
+    """``mods`` read as layers ``(module, bn, kind)``: kind 0 for (1x1 conv, BN, ReLU), 1 or 2
+    for (depthwise conv of that stride, BN), None for any other (conv, BN) pair; a module
+    outside such a pair is ``(module, None, None)``."""
     layers, i = [], 0
     while i < len(mods):
         m = mods[i]
         bn = mods[i + 1] if i + 1 < len(mods) else None
         if not (isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
-            return None
+            layers.append((m, None, None))
+            i += 1
+            continue
         relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
         if _is_depthwise(m) and not relu:
             layers.append((m, bn, m.stride[0]))
@@ -88,9 +91,8 @@ def _chain_layers(mods) -> list | None:
             layers.append((m, bn, 0))
             i += 3
         else:
-            return None
-    if len({bn.eps for _, bn, _ in layers}) > 1:
-        return None
+            layers.append((m, bn, None))
+            i += 2
     return layers
 
 
@@ -117,42 +119,34 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
     shape through ``reference.grouped_batch_norm``). Same values and gradients as
     ``run_sequential`` with the matching grouped ``batch_norm``.
     """
-    mods = list(seq)
-    chain = _chain_layers(mods)
-    if chain is not None and len(chain) > 1:
-        stats = [norm_stats(bn) for _, bn, _ in chain]
+    layers = _layers(list(seq))
+    if (len(layers) > 1 and all(kind is not None for _, _, kind in layers)
+            and len({bn.eps for _, bn, _ in layers}) == 1):
+        stats = [norm_stats(bn) for _, bn, _ in layers]
         if len({groups for _, _, groups, _ in stats}) == 1:
             x = ops.conv_bn_chain(
-                x, [conv.weight for conv, _, _ in chain], [kind for _, _, kind in chain],
+                x, [conv.weight for conv, _, _ in layers], [kind for _, _, kind in layers],
                 [mean for mean, _, _, _ in stats], [var for _, var, _, _ in stats],
                 groups=stats[0][2], training=training,
-                momentums=[_momentum(bn, norm_stats) for _, bn, _ in chain],
-                eps=chain[0][1].eps, backend=backend)
+                momentums=[_momentum(bn, norm_stats) for _, bn, _ in layers],
+                eps=layers[0][1].eps, backend=backend)
             for *_, done in stats:
                 done()
             return x
-    i = 0
-    while i < len(mods):
-        m = mods[i]
-        bn = mods[i + 1] if i + 1 < len(mods) else None
-        if not (isinstance(m, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+    for m, bn, kind in layers:
+        if bn is None:
             x = m(x)
-            i += 1
             continue
-        relu = i + 2 < len(mods) and isinstance(mods[i + 2], nn.ReLU)
         mean, var, groups, done = norm_stats(bn)
         kw = dict(groups=groups, training=training, momentum=_momentum(bn, norm_stats),
                   eps=bn.eps, backend=backend)
-        if _is_depthwise(m) and not relu:
-            x = ops.dwconv_bn(x, m.weight, m.stride[0], mean, var, **kw)
-            i += 2
-        elif _is_pointwise(m) and relu:
+        if kind == 0:
             x = ops.pwconv_bn_relu(x, m.weight, mean, var, **kw)
-            i += 3
+        elif kind is not None:
+            x = ops.dwconv_bn(x, m.weight, kind, mean, var, **kw)
         else:
             x = ops.reference.grouped_batch_norm(m(x), groups, mean, var, training,
                                                  kw["momentum"], bn.eps)
-            i += 2
         done()
     return x
 

@@ -23,7 +23,7 @@ import torch
 
 from . import reference
 from . import triton as _triton
-from ._registry import BUILD_ERROR, HAVE_C, cuda_built
+from ._registry import BUILD_ERROR, HAVE_C, conv_out_size, cuda_built
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
@@ -241,7 +241,7 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
         if kind != 0:
             weight = _live_taps(weight, h, w)
             k = weight.shape[-1]
-            h, w = (h + 2 * (k // 2) - k) // kind + 1, (w + 2 * (k // 2) - k) // kind + 1
+            h, w = conv_out_size(h, k, kind), conv_out_size(w, k, kind)
         live.append(weight)
     sizes = [weight.shape[0] for weight in weights]
     # the layers' [G, C_i] statistics side by side: the running ones in eval, a placeholder in
@@ -257,14 +257,11 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
     op = (torch.ops.fastshift.conv_bn_chain_triton.default if name == "triton"
           else torch.ops.fastshift.conv_bn_chain.default)
     y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)
-    if training and y.shape[0]:
-        count, hw = y.shape[0] // groups, [t.shape[2] * t.shape[3] for t in saved[:len(sizes) - 1]]
-        hw.append(y.shape[2] * y.shape[3])
-        for mean, var, running_mean, running_var, momentum, n_hw in zip(
-                batch_mean.split(sizes, 1), batch_var.split(sizes, 1), running_means,
-                running_vars, momentums, hw):
-            if running_mean is not None:
-                reference.update_running_stats(running_mean.view(groups, -1),
-                                                running_var.view(groups, -1), mean, var,
-                                                count * n_hw, momentum)
+    outs = [*saved[:len(layers) - 1], y]  # each layer's output, for its statistics' count
+    for out, mean, var, running_mean, running_var, momentum in zip(
+            outs, batch_mean.split(sizes, 1), batch_var.split(sizes, 1), running_means,
+            running_vars, momentums):
+        views = ((None, None) if running_mean is None
+                 else (running_mean.view(groups, -1), running_var.view(groups, -1)))
+        _update_running(out, mean, var, *views, running_mean, groups, training, momentum)
     return y

@@ -16,6 +16,11 @@ except ImportError as exc:  # the pure-PyTorch paths keep working without the ex
     BUILD_ERROR = f"{type(exc).__name__}: {exc}"
 
 
+def conv_out_size(size: int, k: int, stride: int) -> int:
+    """Output size of a k-tap conv with padding k // 2 and this stride along one dimension."""
+    return (size + 2 * (k // 2) - k) // stride + 1
+
+
 def cuda_built() -> bool:
     """Whether fastshift._C was compiled with its CUDA bodies."""
     return HAVE_C and int(torch.ops.fastshift.cuda_version()) > 0
@@ -89,14 +94,12 @@ if HAVE_C:
         return torch.empty(shape, dtype=like.dtype, device=like.device,
                            memory_format=torch.channels_last)
 
-    def _out_size(size, k, stride):
-        return (size + 2 * (k // 2) - k) // stride + 1
-
     def _dwconv_bn_fake(x, weight, mean, var, stride, groups, eps, training):
         torch._check(x.dim() == 4, lambda: "dwconv_bn: x must be 4-D")
         r, c, h, w = x.shape
         k = weight.shape[-1]
-        y = _channels_last_empty(x, (r, c, _out_size(h, k, stride), _out_size(w, k, stride)))
+        y = _channels_last_empty(x, (r, c, conv_out_size(h, k, stride),
+                                     conv_out_size(w, k, stride)))
         return y, x.new_empty((groups, c)), x.new_empty((groups, c))
 
     def _dwconv_bn_backward_fake(grad_y, x, weight, y, var, stride, groups, eps, training):
@@ -183,17 +186,16 @@ if HAVE_C:
             x, weights, layers, _, _, groups, eps, training = inputs
             y, saved, _, var = output
             ctx.args = (list(layers), groups, eps, training)
-            ctx.n = len(weights)
             ctx.save_for_backward(x, y, var, *weights, *saved)
             ctx.mark_non_differentiable(*saved, output[2], var)
             ctx.set_materialize_grads(False)
 
         def chain_grad(ctx, grad_y, _grad_saved, _grad_mean, _grad_var):
-            n = ctx.n
+            layers, groups, eps, training = ctx.args
+            n = len(layers)
             if grad_y is None:
                 return None, [None] * n, None, None, None, None, None, None
             x, y, var, *rest = ctx.saved_tensors
-            layers, groups, eps, training = ctx.args
             grad_x, grad_w = chain_backward(grad_y, x, rest[:n], layers, y, rest[n:], var,
                                             groups, eps, training)
             return grad_x, list(grad_w), None, None, None, None, None, None
