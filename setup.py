@@ -16,6 +16,8 @@ torch into the build environment):  pip install --no-build-isolation -e .
 
 import glob
 import os
+import shutil
+import subprocess
 import sys
 
 from setuptools import setup
@@ -100,12 +102,52 @@ def extensions():
     return [ext]
 
 
+# C++ runtime symbols that must come from the shared libstdc++ that torch uses. A toolchain
+# that links libstdc++ statically into the extension gives it a second exception runtime, and
+# every C++ error thrown inside fastshift (each argument check) then kills the process with a
+# segmentation fault instead of raising RuntimeError (seen on a GPU machine whose default g++
+# is such a wrapper; README, "Build").
+CXX_RUNTIME = ("__cxa_throw", "__gxx_personality_v0")
 
-if __name__ == "__main__":
+
+def own_cxx_runtime(path):
+    """The CXX_RUNTIME symbols that the shared object at ``path`` defines itself (empty when it
+    takes them from the shared libstdc++), or None where this cannot be read (no ``nm``, not
+    Linux)."""
+    nm = shutil.which("nm")
+    if nm is None or not sys.platform.startswith("linux"):
+        return None
+    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True,
+                         check=True).stdout
+    names = {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+    return sorted(names.intersection(CXX_RUNTIME))
+
+
+def build_ext_class():
+    """torch's BuildExtension (ninja) that refuses an extension with its own C++ runtime."""
     from torch.utils.cpp_extension import BuildExtension
 
+    class CheckedBuildExtension(BuildExtension.with_options(use_ninja=True)):
+        def build_extension(self, ext):
+            super().build_extension(ext)
+            path = self.get_ext_fullpath(ext.name)
+            own = own_cxx_runtime(path) if os.path.exists(path) else None
+            if own:
+                os.remove(path)
+                sys.exit(
+                    f"fastshift: {ext.name} defines its own C++ runtime ({', '.join(own)}): the "
+                    f"compiler (CXX={os.environ.get('CXX', 'c++')}, LDFLAGS="
+                    f"{os.environ.get('LDFLAGS', '')!r}) links libstdc++ statically, "
+                    "so a C++ error inside fastshift would crash the process instead of raising "
+                    "RuntimeError. Rebuild with a compiler that links the shared libstdc++, e.g. "
+                    "CC=/usr/bin/gcc CXX=/usr/bin/g++.")
+
+    return CheckedBuildExtension
+
+
+if __name__ == "__main__":
     setup(
         ext_modules=extensions(),
-        cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+        cmdclass={"build_ext": build_ext_class()},
         options={"bdist_wheel": {"py_limited_api": "cp311"}},
     )

@@ -5,7 +5,7 @@
 #
 # What it does, in order of importance, each step under its own time limit and all of them
 # inside one overall deadline (BUDGET seconds, default 480), so that a step that runs out still
-# leaves every earlier step's log and JSON in $OUT:
+# leaves every earlier step's log and JSON (packed into $OUT on exit):
 #   env        nvidia-smi, torch / triton / nvcc versions
 #   build      fastshift._C built in place against THAT machine's torch (python setup.py
 #              build_ext --inplace, CUDA required, TORCH_CUDA_ARCH_LIST 9.0 unless set). The
@@ -18,15 +18,25 @@
 #   tests_triton  the Triton kernels compiled for the GPU (TRITON_INTERPRET=0): pytest -k triton
 #   search     benchmarks/bench_search.py --scale gpu on a few candidates
 #   ops_all    benchmarks/bench_ops.py, every op and block, cuda and triton backends
-# A summary table is printed last; summary.txt, every log and every JSON are in $OUT.
+# A summary table (with the failed tests) is printed last; summary.txt, every JSON and
+# gpu_check_logs.tar.gz (every log and JUnit file) are in $OUT.
 #
 # Environment: OUT (default /tmp/fastshift-gpu-check), PYTHON (default python3), BUDGET,
+# FASTSHIFT_KEEP_CXX (set: keep the environment's CC / CXX instead of /usr/bin's),
 # DEVICE (default cuda), OPS_SCALE / SEARCH_SCALE (default gpu), SEARCH_CANDIDATES (4),
 # SEARCH_KS ("4"), SKIP (space-separated step names to leave out), MAX_JOBS (default nproc).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastshift-gpu-check}
 mkdir -p "$OUT"
+# Steps write to a work folder; on exit summary.txt, the JSONs and one archive of every log go
+# to $OUT (the device tool brings back at most 8 files).
+W=$(mktemp -d)
+pack() {
+  cp "$W"/summary.txt "$W"/*.json "$OUT"/ 2>/dev/null
+  tar czf "$OUT/gpu_check_logs.tar.gz" -C "$W" . 2>/dev/null
+}
+trap pack EXIT
 PY=${PYTHON:-python3}
 BUDGET=${BUDGET:-480}
 DEVICE=${DEVICE:-cuda}
@@ -40,30 +50,36 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=${TRITON_INTERPRET:-0}  # compiled Triton, not the CPU interpreter
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
 export MAX_JOBS=${MAX_JOBS:-$(nproc)}
+# The lent GPU machines' image sets CC / CXX to a g++ wrapper (/opt/gcc) that links libstdc++
+# statically into shared objects: C++ errors then crash the process (measured 2026-11-26;
+# setup.py now refuses such a build). The system compilers link it as a shared library.
+if [ -z "${FASTSHIFT_KEEP_CXX:-}" ] && [ -x /usr/bin/g++ ] && [ -x /usr/bin/gcc ]; then
+  export CC=/usr/bin/gcc CXX=/usr/bin/g++
+fi
 if [ -z "${CUDA_HOME:-}" ] && [ -x /usr/local/cuda/bin/nvcc ]; then
   export CUDA_HOME=/usr/local/cuda
 fi
 DEADLINE=$(( $(date +%s) + BUDGET ))
-: > "$OUT/summary.txt"
+: > "$W/summary.txt"
 
-# step NAME LIMIT CMD...: run CMD with its output in $OUT/NAME.log, for at most LIMIT seconds
+# step NAME LIMIT CMD...: run CMD with its output in $W/NAME.log, for at most LIMIT seconds
 # and never past the deadline; one line per step in summary.txt.
 step() {
   local name=$1 limit=$2 left rc start
   shift 2
-  case "$SKIP" in *" $name "*) echo "$name skipped" | tee -a "$OUT/summary.txt"; return 0 ;; esac
+  case "$SKIP" in *" $name "*) echo "$name skipped" | tee -a "$W/summary.txt"; return 0 ;; esac
   left=$(( DEADLINE - $(date +%s) - 5 ))
   if [ "$left" -lt 20 ]; then
-    echo "$name not run: deadline reached" | tee -a "$OUT/summary.txt"
+    echo "$name not run: deadline reached" | tee -a "$W/summary.txt"
     return 124
   fi
   [ "$limit" -gt "$left" ] && limit=$left
   start=$(date +%s)
   echo "== $name (limit ${limit}s): $*"
-  timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+  timeout --kill-after=10 "$limit" "$@" > "$W/$name.log" 2>&1
   rc=$?
-  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$OUT/summary.txt"
-  tail -n 4 "$OUT/$name.log"
+  echo "$name rc=$rc $(( $(date +%s) - start ))s" | tee -a "$W/summary.txt"
+  tail -n 4 "$W/$name.log"
   return $rc
 }
 
@@ -81,28 +97,29 @@ step env 30 bash -c env_report
 # on a GPU the CUDA bodies are required: a build without them fails instead of going on
 [ "$DEVICE" = cuda ] && export FASTSHIFT_FORCE_CUDA=1
 step build 240 "$PY" setup.py build_ext --inplace || {
-  echo "build failed: nothing else can run"; tail -n 40 "$OUT/build.log"; exit 1; }
+  echo "build failed: nothing else can run"; tail -n 40 "$W/build.log"; exit 1; }
 step info 60 "$PY" -m fastshift.info
 
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-step tests_cuda 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
-  tests/test_ops.py tests/test_fused_ops.py -k "cuda and not triton" \
-  --junitxml="$OUT/tests_cuda.xml"
+step tests_cuda 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
+  tests/test_ops.py tests/test_fused_ops.py tests/test_engine.py -k "cuda and not triton" \
+  --junitxml="$W/tests_cuda.xml"
 step ops_block 90 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
-  --kinds block --backends "$DEVICE" --repeats 10 --out "$OUT/bench_ops_${OPS_SCALE}_block.json"
-step tests_triton 150 "$PY" -m pytest -q -p no:cacheprovider "${XDIST[@]}" \
-  tests/test_fused_ops.py -k triton --junitxml="$OUT/tests_triton.xml"
+  --kinds block --backends "$DEVICE" --repeats 10 --out "$W/bench_ops_${OPS_SCALE}_block.json"
+step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
+  tests/test_fused_ops.py -k triton --junitxml="$W/tests_triton.xml"
 # shellcheck disable=SC2086  # SEARCH_KS is a list
 step search 150 "$PY" benchmarks/bench_search.py --scale "$SEARCH_SCALE" --device "$DEVICE" \
   --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 \
-  --out "$OUT/bench_search_${SEARCH_SCALE}.json"
+  --out "$W/bench_search_${SEARCH_SCALE}.json"
 step ops_all 150 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
-  --repeats 10 --out "$OUT/bench_ops_${OPS_SCALE}.json"
+  --repeats 10 --out "$W/bench_ops_${OPS_SCALE}.json"
 
 echo "== summary"
-cat "$OUT/summary.txt"
-"$PY" - "$OUT" <<'EOF'
+cat "$W/summary.txt"
+grep -h -E "^(FAILED|ERROR) " "$W"/tests_*.log 2>/dev/null | cut -c1-160 | head -n 30
+"$PY" - "$W" <<'EOF'
 import glob, json, os, sys
 import xml.etree.ElementTree as ET
 out = sys.argv[1]

@@ -33,3 +33,42 @@ def test_info_reports_the_build():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert '"extension_built": true' in out.stdout
+
+
+def _setup_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("fastshift_setup", os.path.join(ROOT, "setup.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)  # setup() itself runs only under __main__
+    return mod
+
+
+@pytest.mark.skipif(not ops.HAVE_C, reason="fastshift._C not built")
+def test_extension_uses_the_shared_cxx_runtime():
+    """fastshift._C takes __cxa_throw & co. from the shared libstdc++: with its own copy, a
+    C++ argument error would crash the process instead of raising (setup.py refuses that)."""
+    from fastshift import _C
+
+    own = _setup_module().own_cxx_runtime(_C.__file__)
+    if own is None:
+        pytest.skip("nm not available")
+    assert own == []
+
+
+@pytest.mark.skipif(shutil.which("g++") is None or shutil.which("nm") is None,
+                    reason="needs g++ and nm")
+@pytest.mark.parametrize("static", [False, True])
+def test_own_cxx_runtime_detects_static_libstdcxx(tmp_path, static):
+    src = tmp_path / "t.cpp"
+    src.write_text('#include <stdexcept>\nextern "C" void f(int x) '
+                   '{ if (x) throw std::runtime_error("x"); }\n')
+    lib = tmp_path / "t.so"
+    cmd = ["g++", "-shared", "-fPIC", str(src), "-o", str(lib)]
+    proc = subprocess.run(cmd + (["-static-libstdc++"] if static else []), capture_output=True,
+                          text=True, timeout=120)
+    if proc.returncode != 0 and static:
+        pytest.skip(f"no static libstdc++ to link here: {proc.stderr[-200:]}")
+    assert proc.returncode == 0, proc.stderr
+    own = _setup_module().own_cxx_runtime(str(lib))
+    assert own == (["__cxa_throw", "__gxx_personality_v0"] if static else [])

@@ -243,6 +243,31 @@ def test_grouped_batch_norm_equals_per_group_batch_norm(channels_last, training,
         lambda t: grouped_batch_norm(t, groups, *stats, training), (x,))
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("stats_dtype", [None, torch.float32, "same"])
+def test_grouped_batch_norm_low_precision(device, dtype, stats_dtype):
+    """float16 / bfloat16 input with no running statistics, float32 ones and ones in the
+    input's dtype: the batch statistics aten saves differ in dtype across these cases and
+    devices; values and gradients match F.batch_norm per group in the same dtypes."""
+    from fastshift.ops.reference import grouped_batch_norm
+
+    torch.manual_seed(0)
+    groups, n, c = 2, 3, 4
+    x = torch.randn(groups * n, c, 3, 2, device=device).to(dtype).requires_grad_(True)
+    sd = dtype if stats_dtype == "same" else stats_dtype
+    rm = None if sd is None else torch.zeros(groups, c, dtype=sd, device=device)
+    rv = None if sd is None else torch.ones(groups, c, dtype=sd, device=device)
+    y = grouped_batch_norm(x, groups, rm, rv, True)
+    ref = torch.cat([F.batch_norm(x[i * n:(i + 1) * n], None if rm is None else rm[i].clone(),
+                                  None if rv is None else rv[i].clone(), training=True)
+                     for i in range(groups)])
+    assert y.dtype == dtype
+    torch.testing.assert_close(y, ref)
+    gy = torch.randn_like(y)
+    torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(ref, x, gy)[0])
+
+
 @pytest.mark.parametrize("kernel,size", [(1, 5), (3, 2), (5, 2), (7, 2), (7, 3), (7, 4), (5, 1)])
 def test_conv_channels_last_reformulations_are_exact(kernel, size):
     from fastshift.engine import conv_channels_last

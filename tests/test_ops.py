@@ -243,6 +243,15 @@ def test_shuffle_cat_errors_are_clear(device):
         reference.shuffle_cat(z(1, 3, 2, 2), z(1, 2, 2, 2))
 
 
+def test_cuda_built_traces_under_compile():
+    """resolve_backend asks cuda_built() for the 'cuda' backend inside compiled code: it must
+    be a constant to dynamo, not an op call (an op returning an int breaks a fullgraph)."""
+    f = torch.compile(lambda x: x + 1 if ops.cuda_built() else x - 1, backend="eager",
+                      fullgraph=True)
+    x = torch.zeros(2)
+    torch.testing.assert_close(f(x), x + 1 if ops.cuda_built() else x - 1)
+
+
 def test_backend_choice(monkeypatch):
     assert ops.resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="unknown fastshift backend 'fast'"):

@@ -21,9 +21,14 @@ def conv_out_size(size: int, k: int, stride: int) -> int:
     return (size + 2 * (k // 2) - k) // stride + 1
 
 
+# Read once: the answer cannot change within a process, and a plain bool keeps
+# ``resolve_backend`` traceable by torch.compile (dynamo cannot trace an op returning an int).
+_CUDA_BUILT = HAVE_C and int(torch.ops.fastshift.cuda_version()) > 0
+
+
 def cuda_built() -> bool:
     """Whether fastshift._C was compiled with its CUDA bodies."""
-    return HAVE_C and int(torch.ops.fastshift.cuda_version()) > 0
+    return _CUDA_BUILT
 
 
 if HAVE_C:

@@ -70,6 +70,16 @@ def _is_channels_last(x: torch.Tensor) -> bool:
     return x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
 
 
+def _saved_stat_dtype(x: torch.Tensor, running: torch.Tensor | None) -> torch.dtype:
+    """dtype of the batch mean / inverse std that ``aten.native_batch_norm`` saves: float32 for
+    float16 / bfloat16 input on CUDA, and on CPU when float32 running statistics are given;
+    else the input's dtype."""
+    if x.dtype in (torch.float16, torch.bfloat16) and (
+            x.is_cuda or (running is not None and running.dtype == torch.float32)):
+        return torch.float32
+    return x.dtype
+
+
 class _GroupedTrainBatchNorm(torch.autograd.Function):
     """Training-mode batch norm per row group with PyTorch's own kernels: each group's rows
     are a contiguous slice of the batch and go through ``aten.native_batch_norm`` (its batch
@@ -85,8 +95,9 @@ class _GroupedTrainBatchNorm(torch.autograd.Function):
         n = x.shape[0] // groups
         track = running_mean is not None and x[:n].numel() > x.shape[1]
         y = torch.empty_like(x)
-        save_mean = x.new_empty(groups, x.shape[1])
-        save_invstd = x.new_empty(groups, x.shape[1])
+        stat = _saved_stat_dtype(x, running_mean if track else None)
+        save_mean = x.new_empty(groups, x.shape[1], dtype=stat)
+        save_invstd = x.new_empty(groups, x.shape[1], dtype=stat)
         for g, (xg, yg) in enumerate(zip(x.split(n, 0), y.split(n, 0))):
             torch.ops.aten.native_batch_norm.out(
                 xg, None, None, running_mean[g] if track else None,
