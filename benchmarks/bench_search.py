@@ -224,6 +224,10 @@ def main(argv=None):
                         help="also time batched_kK on the plain-PyTorch ops (backend reference)")
     parser.add_argument("--rounds", type=int, default=2,
                         help="interleave the modes over this many slices of the candidates")
+    parser.add_argument("--backend", default="auto",
+                        choices=[b for b in fastshift.ops.BACKENDS if b != "reference"],
+                        help="ops backend of the sequential and batched modes (default auto: "
+                        "the fastest measured for the device)")
     parser.add_argument("--out", default=None, help="JSON output file")
     args = parser.parse_args(argv)
     allocator_tuned = fastshift.ops.tune_cpu_allocator(args.device)
@@ -234,7 +238,7 @@ def main(argv=None):
     base = fastshift.Supernet(space, generator=torch.Generator().manual_seed(0)).to(device)
     train, val = make_data(space, scale, device)
     archs = evolved_generation(space, args.candidates)
-    fast_backend = fastshift.ops.resolve_backend("auto", device)
+    fast_backend = fastshift.ops.resolve_backend(args.backend, device)
     check_correctness(base, train, val, scale, device, fast_backend, archs)
 
     per_candidate_macs = [

@@ -111,7 +111,7 @@ step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" 
   tests/test_fused_ops.py -k triton --junitxml="$W/tests_triton.xml"
 # shellcheck disable=SC2086  # SEARCH_KS is a list
 step search 150 "$PY" benchmarks/bench_search.py --scale "$SEARCH_SCALE" --device "$DEVICE" \
-  --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 \
+  --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 --backend "$DEVICE" \
   --out "$W/bench_search_${SEARCH_SCALE}.json"
 step ops_all 150 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --repeats 10 --out "$W/bench_ops_${OPS_SCALE}.json"
