@@ -15,6 +15,7 @@
 #   info       python -m fastshift.info (what is built and usable)
 #   tests_cuda the CUDA bodies against the reference: pytest -k "cuda and not triton"
 #   ops_block  benchmarks/bench_ops.py --kinds block --backends cuda (the 2x cuDNN target)
+#   profile    benchmarks/profile_block.py: wall against kernel time and launches per block
 #   tests_triton  the Triton kernels compiled for the GPU (TRITON_INTERPRET=0): pytest -k triton
 #   search     benchmarks/bench_search.py --scale gpu on a few candidates
 #   ops_all    benchmarks/bench_ops.py, every op and block, cuda and triton backends
@@ -107,6 +108,11 @@ step tests_cuda 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$W/tests_cuda.xml"
 step ops_block 90 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --kinds block --backends "$DEVICE" --repeats 10 --out "$W/bench_ops_${OPS_SCALE}_block.json"
+TRITON_BACKEND=triton
+"$PY" -c "import sys; from fastshift import ops; sys.exit(not ops.triton_usable('$DEVICE'))" \
+  2>/dev/null || TRITON_BACKEND=
+step profile 90 "$PY" benchmarks/profile_block.py --scale "$OPS_SCALE" --device "$DEVICE" \
+  --backends reference "$DEVICE" $TRITON_BACKEND --out "$W/profile_block_${OPS_SCALE}.json"
 step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
   tests/test_fused_ops.py -k triton --junitxml="$W/tests_triton.xml"
 # shellcheck disable=SC2086  # SEARCH_KS is a list
@@ -138,6 +144,12 @@ for f in sorted(glob.glob(os.path.join(out, "bench_ops_*.json"))):
     if "matmul_floor" in d["summary"]:
         print(f"{os.path.basename(f)} [{d['device']}] ceiling (1x1 convs at peak, rest free): "
               f"{d['summary']['matmul_floor']['block_fwd_bwd_speedup_ceiling_mean']:.2f}x")
+for f in sorted(glob.glob(os.path.join(out, "profile_block_*.json"))):
+    d = json.load(open(f))
+    for block, per in d["blocks"].items():
+        print(f"{os.path.basename(f)} {block}: " + "; ".join(
+            f"{b} wall {p['wall_ms']:.2f} ms, device {p['device_ms']:.2f} ms, "
+            f"{p['launches']:.0f} launches" for b, p in per.items()))
 for f in sorted(glob.glob(os.path.join(out, "bench_search_*.json"))):
     d = json.load(open(f))
     for mode, m in d["modes"].items():
