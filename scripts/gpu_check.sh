@@ -17,7 +17,8 @@
 #   ops_block  benchmarks/bench_ops.py --kinds block --backends cuda (the 2x cuDNN target)
 #   profile    benchmarks/profile_block.py: wall against kernel time and launches per block
 #   tests_triton  the Triton kernels compiled for the GPU (TRITON_INTERPRET=0): pytest -k triton
-#   search     benchmarks/bench_search.py --scale gpu on a few candidates
+#   search     benchmarks/bench_search.py --scale gpu on a few candidates: the CUDA bodies
+#              (sequential, batched) and the batched engine on PyTorch's ops (what auto runs)
 #   ops_all    benchmarks/bench_ops.py, every op and block, cuda and triton backends
 # A summary table (with the failed tests) is printed last; summary.txt, every JSON and
 # gpu_check_logs.tar.gz (every log and JUnit file) are in $OUT.
@@ -118,6 +119,7 @@ step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" 
 # shellcheck disable=SC2086  # SEARCH_KS is a list
 step search 150 "$PY" benchmarks/bench_search.py --scale "$SEARCH_SCALE" --device "$DEVICE" \
   --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 --backend "$DEVICE" \
+  --reference-ops-ks $SEARCH_KS \
   --out "$W/bench_search_${SEARCH_SCALE}.json"
 step ops_all 150 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --repeats 10 --out "$W/bench_ops_${OPS_SCALE}.json"
