@@ -260,6 +260,8 @@ def test_backend_choice(monkeypatch):
     assert ops.resolve_backend(None, torch.device("cpu")) == "reference"
     monkeypatch.setenv("FASTSHIFT_BACKEND", "auto")
     assert ops.resolve_backend(None, torch.device("cpu")) == ("cpu" if ops.HAVE_C else "reference")
+    # on CUDA, auto is PyTorch's path: the CUDA and Triton bodies measured slower (README, GPU)
+    assert ops.resolve_backend(None, torch.device("cuda")) == "reference"
     if ops.cuda_built():
         with pytest.raises(ValueError, match="cannot run tensors on device 'cpu'"):
             ops.resolve_backend("cuda", torch.device("cpu"))
