@@ -209,15 +209,20 @@ def time_entry(entry, backend, device, batch, repeats):
     out = {}
     for label, f in (("fwd", fwd), ("fwd_bwd", fwd_bwd)):
         f()
-        times = []
-        for _ in range(repeats):
-            _sync(device)
-            t = time.perf_counter()
-            f()
-            _sync(device)
-            times.append(time.perf_counter() - t)
-        out[label] = statistics.median(times)
+        out[label] = median_seconds(f, device, repeats)
     return out
+
+
+def median_seconds(f, device, repeats):
+    """Median wall time of ``f()`` over ``repeats`` calls, synchronized before and after each."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        f()
+        _sync(device)
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
 
 
 def main(argv=None):

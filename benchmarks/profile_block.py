@@ -5,8 +5,8 @@ For each picked block of bench_ops.py's workloads (--scale, training mode, float
 backend, after a warm-up: `wall_ms` is the median wall time of one synchronized forward +
 backward; then one profiled run of --repeats of them (torch.profiler) gives, per repeat,
 `device_ms` (the summed time of the device kernels on a GPU; on CPU the summed self time of
-the aten / fastshift ops), `launches` (kernels, or those op calls on CPU) and the top --top
-entries by time. On a GPU, wall_ms much larger than device_ms means the block is bound by host
+the aten / fastshift ops, slowed by the profiler, so it can exceed wall_ms there),
+`launches` (kernels, or those op calls on CPU) and the top --top entries by time. On a GPU, wall_ms much larger than device_ms means the block is bound by host
 work (Python, dispatch, launches), not by the kernels.
 
 usage: python benchmarks/profile_block.py --scale gpu --device cuda --backends reference cuda \\
@@ -20,16 +20,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from bench_ops import SCALES, _input, _params, workloads  # noqa: E402
+from bench_ops import SCALES, _input, _params, median_seconds, workloads  # noqa: E402
 from bench_search import _sync, machine_name  # noqa: E402
 
 import fastshift  # noqa: E402
@@ -59,13 +57,7 @@ def profile_entry(entry, backend, device, batch, repeats, top):
 
     for _ in range(3):
         step()
-    walls = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        _sync(device)
-        walls.append(time.perf_counter() - t)
+    wall = median_seconds(step, device, repeats)
     cuda = torch.device(device).type == "cuda"
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=acts) as prof:
@@ -85,7 +77,7 @@ def profile_entry(entry, backend, device, batch, repeats, top):
         rows.append((ev.key, t / 1e3 / repeats, ev.count / repeats))
     rows.sort(key=lambda r: -r[1])
     return {
-        "wall_ms": statistics.median(walls) * 1e3,
+        "wall_ms": wall * 1e3,
         "device_ms": sum(r[1] for r in rows),
         "launches": sum(r[2] for r in rows),
         "top": [{"name": n[:90], "ms": ms, "calls": c} for n, ms, c in rows[:top]],
