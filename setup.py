@@ -106,7 +106,7 @@ def extensions():
 # that links libstdc++ statically into the extension gives it a second exception runtime, and
 # every C++ error thrown inside fastshift (each argument check) then kills the process with a
 # segmentation fault instead of raising RuntimeError (seen on a GPU machine whose default g++
-# is such a wrapper; README, "Build").
+# is such a wrapper; README, "Quick start" and "GPU: one H200").
 CXX_RUNTIME = ("__cxa_throw", "__gxx_personality_v0")
 
 
@@ -117,9 +117,10 @@ def own_cxx_runtime(path):
     nm = shutil.which("nm")
     if nm is None or not sys.platform.startswith("linux"):
         return None
-    out = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True,
-                         check=True).stdout
-    names = {line.split()[-1].split("@")[0] for line in out.splitlines() if line.strip()}
+    proc = subprocess.run([nm, "-D", "--defined-only", path], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None
+    names = {line.split()[-1].split("@")[0] for line in proc.stdout.splitlines() if line.strip()}
     return sorted(names.intersection(CXX_RUNTIME))
 
 
