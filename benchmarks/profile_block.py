@@ -6,8 +6,9 @@ backend, after a warm-up: `wall_ms` is the median wall time of one synchronized 
 backward; then one profiled run of --repeats of them (torch.profiler) gives, per repeat,
 `device_ms` (the summed time of the device kernels on a GPU; on CPU the summed self time of
 the aten / fastshift ops, slowed by the profiler, so it can exceed wall_ms there),
-`launches` (kernels, or those op calls on CPU) and the top --top entries by time. On a GPU, wall_ms much larger than device_ms means the block is bound by host
-work (Python, dispatch, launches), not by the kernels.
+`launches` (kernels, or those op calls on CPU) and the top --top entries by time. On a GPU,
+wall_ms much larger than device_ms means the block is bound by host work (Python, dispatch,
+launches), not by the kernels.
 
 usage: python benchmarks/profile_block.py --scale gpu --device cuda --backends reference cuda \\
            --blocks shuffle3:1 shuffle3:17 --out profile.json
