@@ -151,7 +151,8 @@ def _block_entry(space, layer, choice, batch):
     elems = batch * (c_in * h_in * h_in + layer.out_channels * layer.out_size ** 2)
     return dict(kind="block", name=f"block {choice.name} layer{layer.index} s{layer.stride} "
                 f"{c_in}x{h_in}x{h_in}", make=make, in_shape=(c_in, h_in), macs=batch * flops,
-                matmul_macs=batch * matmul, elems=elems, choice=choice.name, stride=layer.stride)
+                matmul_macs=batch * matmul, elems=elems, choice=choice.name, stride=layer.stride,
+                layer=layer.index)
 
 
 def _input(entry, rows, dtype, device, backend):

@@ -37,11 +37,8 @@ DEFAULT_BLOCKS = [f"{c}:{i}" for c in ("shuffle3", "shuffle7", "xception") for i
 
 
 def _pick(space, batch, wanted):
-    blocks = {}
-    for e in workloads(space, batch):
-        if e["kind"] == "block":
-            layer = int(e["name"].split(" layer")[1].split()[0])
-            blocks[f"{e['choice']}:{layer}"] = e
+    blocks = {f"{e['choice']}:{e['layer']}": e for e in workloads(space, batch)
+              if e["kind"] == "block"}
     missing = [w for w in wanted if w not in blocks]
     if missing:
         raise SystemExit(f"unknown blocks {missing}; choose from {sorted(blocks)}")
