@@ -2,11 +2,17 @@
 // contracts and formulas of csrc/cpu/block_cpu.cpp. Activations are channels-last, so with one
 // thread per (pixel, channel) consecutive threads read consecutive channels (coalesced).
 //
-//   depthwise conv, its input gradient (gather form) and its weight gradient (per-tap partial
-//   sums over pixel slices, added by at::sum: deterministic) are kernels here;
-//   the normalisation (+ReLU) and the BN input gradient are one elementwise kernel each;
-//   batch statistics and the two gradient sums are ATen reductions in the accumulate type,
-//   and the 1x1 convs are at::mm (cuBLAS).
+//   depthwise conv (k = 3/5/7, stride 1/2): each thread computes kTile neighbouring output
+//   columns of one channel from one register row of inputs per kernel row (the taps are
+//   compile-time constants); its input gradient is that same kernel on the flipped weights at
+//   stride 1, and a tap-parity gather at stride 2; its weight gradient keeps all k*k taps of
+//   one channel in registers over a slice of output rows (dz is read once) and adds the slices
+//   in a fixed order (deterministic). Other odd k run generic one-output-per-thread kernels;
+//   batch statistics are one pass over the data (shifted sums per thread, merged with Chan's
+//   formula), the two BN-backward sums another, each with a small finishing kernel, in a fixed
+//   order (deterministic); the normalisation (+ReLU) and the BN input gradient are one
+//   elementwise kernel each (32-bit index arithmetic when the tensor allows it);
+//   the 1x1 convs are at::mm (cuBLAS).
 // float16/bfloat16 accumulate in float32; statistics are returned in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
@@ -14,6 +20,9 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
+
+#include <limits>
+#include <type_traits>
 
 #include "../block_checks.h"
 
@@ -29,6 +38,188 @@ inline int blocks_for(int64_t n) {
 #define FASTSHIFT_GRID_STRIDE(i, n)                                                         \
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < (n);                 \
        i += (int64_t)blockDim.x * gridDim.x)
+
+// ---------------------------------------------------------------------------------------------
+// Depthwise conv, k = 3/5/7 and stride 1/2 (compile-time taps).
+
+constexpr int kTile = 4;  // output columns per thread
+
+// out[r, oh, ow, c] = sum_t x[r, oh*S - P + kh, ow*S - P + kw, c] * wt[t, c]; with shift/scale:
+// (sum - shift[g, c]) * scale[g, c], g = r / rows_per_group. One thread: kTile columns
+// ow0 .. ow0 + kTile - 1 of one (r, oh, c); per kernel row it loads the (kTile-1)*S + K input
+// columns they share once.
+template <typename T, typename A, int K, int S>
+__global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ wt,
+                                     T* __restrict__ out, const A* __restrict__ shift,
+                                     const A* __restrict__ scale, int64_t R, int64_t H,
+                                     int64_t W, int64_t C, int64_t OH, int64_t OW,
+                                     int64_t rows_per_group) {
+  constexpr int P = K / 2;
+  constexpr int kSpan = (kTile - 1) * S + K;
+  const int64_t OWT = (OW + kTile - 1) / kTile;
+  FASTSHIFT_GRID_STRIDE(i, R * OH * OWT * C) {
+    const int64_t c = i % C;
+    int64_t q = i / C;
+    const int64_t ow0 = (q % OWT) * kTile;
+    q /= OWT;
+    const int64_t oh = q % OH;
+    const int64_t r = q / OH;
+    A acc[kTile];
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) acc[t] = A(0);
+    const int64_t iw0 = ow0 * S - P;
+#pragma unroll
+    for (int kh = 0; kh < K; ++kh) {
+      const int64_t ih = oh * S - P + kh;
+      if (ih < 0 || ih >= H) continue;
+      const T* xrow = x + (r * H + ih) * W * C + c;
+      A xs[kSpan];
+#pragma unroll
+      for (int j = 0; j < kSpan; ++j) {
+        const int64_t iw = iw0 + j;
+        xs[j] = (iw >= 0 && iw < W) ? static_cast<A>(xrow[iw * C]) : A(0);
+      }
+#pragma unroll
+      for (int kw = 0; kw < K; ++kw) {
+        const A wv = static_cast<A>(wt[(kh * K + kw) * C + c]);
+#pragma unroll
+        for (int t = 0; t < kTile; ++t) acc[t] += xs[t * S + kw] * wv;
+      }
+    }
+    A sh = A(0), sc = A(1);
+    if (shift != nullptr) {
+      const int64_t g = r / rows_per_group;
+      sh = shift[g * C + c];
+      sc = scale[g * C + c];
+    }
+    T* orow = out + (r * OH + oh) * OW * C + c;
+#pragma unroll
+    for (int t = 0; t < kTile; ++t) {
+      if (ow0 + t < OW) {
+        const A v = shift != nullptr ? (acc[t] - sh) * sc : acc[t];
+        orow[(ow0 + t) * C] = static_cast<T>(v);
+      }
+    }
+  }
+}
+
+// Stride-2 input gradient: dx[r, ih, iw, c] = sum dz[r, (ih + P - kh) / 2, (iw + P - kw) / 2, c]
+// * wt[t, c] over the taps of the parity that makes the division exact, in range.
+template <typename T, typename A, int K>
+__global__ void dw_input_grad_s2_kernel(const T* __restrict__ dz, const T* __restrict__ wt,
+                                        T* __restrict__ dx, int64_t R, int64_t H, int64_t W,
+                                        int64_t C, int64_t OH, int64_t OW) {
+  constexpr int P = K / 2;
+  FASTSHIFT_GRID_STRIDE(i, R * H * W * C) {
+    const int64_t c = i % C;
+    int64_t p = i / C;
+    const int64_t iw = p % W;
+    p /= W;
+    const int64_t ih = p % H;
+    const int64_t r = p / H;
+    const int kh0 = static_cast<int>((ih + P) & 1), kw0 = static_cast<int>((iw + P) & 1);
+    A acc = 0;
+#pragma unroll
+    for (int mh = 0; mh < (K + 1) / 2; ++mh) {
+      const int kh = kh0 + 2 * mh;
+      const int64_t th = ih + P - kh;
+      if (kh >= K || th < 0 || th / 2 >= OH) continue;
+      const T* dzrow = dz + (r * OH + th / 2) * OW * C + c;
+#pragma unroll
+      for (int mw = 0; mw < (K + 1) / 2; ++mw) {
+        const int kw = kw0 + 2 * mw;
+        const int64_t tw = iw + P - kw;
+        if (kw >= K || tw < 0 || tw / 2 >= OW) continue;
+        acc += static_cast<A>(dzrow[(tw / 2) * C]) * static_cast<A>(wt[(kh * K + kw) * C + c]);
+      }
+    }
+    dx[i] = static_cast<T>(acc);
+  }
+}
+
+constexpr int kLanes = 32;  // channels per block of the column kernels (one warp)
+constexpr int kRows = 8;    // pixel rows per block of the column kernels (warps)
+
+// part[t, s, c] = sum over the s-th slice of the R*OH output rows (r, oh), all ow, of
+// x[r, oh*S - P + kh, ow*S - P + kw, c] * dz[r, oh, ow, c]. Block (kLanes, kRows): channel
+// lanes x column phases; the kRows phase sums are added in order at the end.
+template <typename T, typename A, int K, int S>
+__global__ void __launch_bounds__(kLanes* kRows)
+    dw_weight_grad_tiled_kernel(const T* __restrict__ x, const T* __restrict__ dz,
+                                A* __restrict__ part, int64_t R, int64_t H, int64_t W, int64_t C,
+                                int64_t OH, int64_t OW, int64_t splits) {
+  constexpr int P = K / 2;
+  __shared__ A red[kRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx;
+  const int64_t s = blockIdx.y;
+  const int64_t rows = R * OH;
+  const int64_t per = (rows + splits - 1) / splits;
+  const int64_t row_end = std::min(rows, (s + 1) * per);
+  A acc[K * K];
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) acc[t] = A(0);
+  if (c < C) {
+    for (int64_t row = s * per; row < row_end; ++row) {
+      const int64_t r = row / OH, oh = row - r * OH;
+      const T* dzrow = dz + row * OW * C + c;
+      for (int64_t ow = ty; ow < OW; ow += kRows) {
+        const A g = static_cast<A>(dzrow[ow * C]);
+#pragma unroll
+        for (int kh = 0; kh < K; ++kh) {
+          const int64_t ih = oh * S - P + kh;
+          if (ih < 0 || ih >= H) continue;
+          const T* xrow = x + (r * H + ih) * W * C + c;
+#pragma unroll
+          for (int kw = 0; kw < K; ++kw) {
+            const int64_t iw = ow * S - P + kw;
+            if (iw >= 0 && iw < W) acc[kh * K + kw] += static_cast<A>(xrow[iw * C]) * g;
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int t = 0; t < K * K; ++t) {
+    red[ty][tx] = acc[t];
+    __syncthreads();
+    if (ty == 0 && c < C) {
+      A sum = red[0][tx];
+#pragma unroll
+      for (int j = 1; j < kRows; ++j) sum += red[j][tx];
+      part[(t * splits + s) * C + c] = sum;
+    }
+    __syncthreads();
+  }
+}
+
+// f(integral_constant K, integral_constant S) for the compiled tap sets; false for others.
+template <typename F>
+bool with_taps(int64_t K, int64_t S, F&& f) {
+  using std::integral_constant;
+  if (S == 1) {
+    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 1>{}), true;
+    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 1>{}), true;
+    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 1>{}), true;
+  } else if (S == 2) {
+    if (K == 3) return f(integral_constant<int, 3>{}, integral_constant<int, 2>{}), true;
+    if (K == 5) return f(integral_constant<int, 5>{}, integral_constant<int, 2>{}), true;
+    if (K == 7) return f(integral_constant<int, 7>{}, integral_constant<int, 2>{}), true;
+  }
+  return false;
+}
+
+int sm_count() { return at::cuda::getCurrentDeviceProperties()->multiProcessorCount; }
+
+// Slices for a column kernel with `blocks` blocks per slice over `n` rows: about four blocks
+// per SM in all, at most one slice per row.
+int64_t column_splits(int64_t n, int64_t blocks) {
+  const int64_t want = (4 * sm_count() + blocks - 1) / blocks;
+  return std::max<int64_t>(1, std::min<int64_t>({want, n, 65535}));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Generic depthwise kernels (any odd k): one output per thread.
 
 // out[r, oh, ow, c] = sum_t x[r, oh*S - P + kh, ow*S - P + kw, c] * wt[t, c];
 // with shift/scale: (sum - shift[g, c]) * scale[g, c], g = r / rows_per_group.
@@ -121,34 +312,176 @@ __global__ void dw_weight_grad_kernel(const T* __restrict__ x, const T* __restri
   }
 }
 
-// z := (z - mean[g]) * rstd[g]; with relu also y := max(z, 0) (NaN kept).
+// ---------------------------------------------------------------------------------------------
+// Per-group column statistics of [M, C] rows (G groups of Mg rows): block (kLanes, kRows) over
+// kLanes channels of one slice of one group; grid (ceil(C / kLanes), splits, G).
+
+// Merges the (count, mean, M2) of a second part into the first (Chan et al.).
+template <typename A>
+__device__ inline void chan_merge(A& n, A& mean, A& m2, A nb, A meanb, A m2b) {
+  if (nb == A(0)) return;
+  if (n == A(0)) {
+    n = nb, mean = meanb, m2 = m2b;
+    return;
+  }
+  const A tot = n + nb;
+  const A d = meanb - mean;
+  mean += d * (nb / tot);
+  m2 += m2b + d * d * (n * nb / tot);
+  n = tot;
+}
+
+// part[0 / 1 / 2][(g * splits + s) * C + c] = count / mean / M2 of z[g * Mg + p, c] over the
+// slice's rows p. Each thread sums its rows shifted by its first value (no cancellation when
+// the mean is large against the spread); the kRows thread results merge in order.
 template <typename T, typename A>
+__global__ void __launch_bounds__(kLanes* kRows)
+    moments_partial_kernel(const T* __restrict__ z, A* __restrict__ part, int64_t Mg, int64_t C,
+                           int64_t splits) {
+  __shared__ A rn[kRows][kLanes], rmean[kRows][kLanes], rm2[kRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx;
+  const int64_t s = blockIdx.y, g = blockIdx.z;
+  const int64_t per = (Mg + splits - 1) / splits;
+  const int64_t end = std::min(Mg, (s + 1) * per);
+  A n = 0, s1 = 0, s2 = 0, k = 0;
+  if (c < C) {
+    const T* col = z + g * Mg * C + c;
+    int64_t p = s * per + ty;
+    if (p < end) k = static_cast<A>(col[p * C]);
+    for (; p < end; p += kRows) {
+      const A d = static_cast<A>(col[p * C]) - k;
+      n += A(1);
+      s1 += d;
+      s2 += d * d;
+    }
+  }
+  A mean = 0, m2 = 0;
+  if (n > A(0)) {
+    mean = k + s1 / n;
+    m2 = s2 - s1 * (s1 / n);
+    if (m2 < A(0)) m2 = A(0);
+  }
+  rn[ty][tx] = n, rmean[ty][tx] = mean, rm2[ty][tx] = m2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int j = 1; j < kRows; ++j) chan_merge(n, mean, m2, rn[j][tx], rmean[j][tx], rm2[j][tx]);
+    const int64_t slot = (g * splits + s) * C + c, size = gridDim.z * splits * C;
+    part[slot] = n, part[size + slot] = mean, part[2 * size + slot] = m2;
+  }
+}
+
+// mean / var[g, c] (biased) from the slices' parts, merged in slice order.
+template <typename A>
+__global__ void moments_finish_kernel(const A* __restrict__ part, A* __restrict__ mean,
+                                      A* __restrict__ var, int64_t G, int64_t C,
+                                      int64_t splits) {
+  const int64_t size = G * splits * C;
+  FASTSHIFT_GRID_STRIDE(i, G * C) {
+    const int64_t g = i / C, c = i % C;
+    A n = 0, mu = 0, m2 = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t slot = (g * splits + s) * C + c;
+      chan_merge(n, mu, m2, part[slot], part[size + slot], part[2 * size + slot]);
+    }
+    mean[i] = mu;
+    var[i] = n > A(0) ? m2 / n : A(0);
+  }
+}
+
+// part[0 / 1][(g * splits + s) * C + c] = the slice's sums of g' and g' * xh, g' = relu ?
+// (xh > 0 ? dy : 0) : dy (the BN backward's two reductions in one pass).
+template <typename T, typename A>
+__global__ void __launch_bounds__(kLanes* kRows)
+    bn_sums_partial_kernel(const T* __restrict__ dy, const T* __restrict__ xh,
+                           A* __restrict__ part, int64_t Mg, int64_t C, int64_t splits,
+                           bool relu) {
+  __shared__ A r1[kRows][kLanes], r2[kRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx;
+  const int64_t s = blockIdx.y, g = blockIdx.z;
+  const int64_t per = (Mg + splits - 1) / splits;
+  const int64_t end = std::min(Mg, (s + 1) * per);
+  A s1 = 0, s2 = 0;
+  if (c < C) {
+    const int64_t base = g * Mg * C + c;
+    for (int64_t p = s * per + ty; p < end; p += kRows) {
+      const A xv = static_cast<A>(xh[base + p * C]);
+      A gv = static_cast<A>(dy[base + p * C]);
+      if (relu && !(xv > A(0))) gv = A(0);
+      s1 += gv;
+      s2 += gv * xv;
+    }
+  }
+  r1[ty][tx] = s1, r2[ty][tx] = s2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int j = 1; j < kRows; ++j) s1 += r1[j][tx], s2 += r2[j][tx];
+    const int64_t slot = (g * splits + s) * C + c, size = gridDim.z * splits * C;
+    part[slot] = s1, part[size + slot] = s2;
+  }
+}
+
+// a / b[g, c] = the slices' sums (in slice order) / Mg.
+template <typename A>
+__global__ void bn_sums_finish_kernel(const A* __restrict__ part, A* __restrict__ a,
+                                      A* __restrict__ b, int64_t G, int64_t C, int64_t splits,
+                                      int64_t Mg) {
+  const int64_t size = G * splits * C;
+  FASTSHIFT_GRID_STRIDE(i, G * C) {
+    const int64_t g = i / C, c = i % C;
+    A s1 = 0, s2 = 0;
+    for (int64_t s = 0; s < splits; ++s) {
+      const int64_t slot = (g * splits + s) * C + c;
+      s1 += part[slot], s2 += part[size + slot];
+    }
+    a[i] = s1 / static_cast<A>(Mg);
+    b[i] = s2 / static_cast<A>(Mg);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Elementwise kernels on [M, C] rows; I = int32_t where M * C allows (cheaper index arithmetic).
+
+// z := (z - mean[g]) / sqrt(var[g] + eps); with relu also y := max(z, 0) (NaN kept).
+template <typename T, typename A, typename I>
 __global__ void normalize_kernel(T* __restrict__ z, T* __restrict__ y, const A* __restrict__ mean,
-                                 const A* __restrict__ rstd, int64_t M, int64_t C,
-                                 int64_t pixels_per_group, bool relu) {
-  FASTSHIFT_GRID_STRIDE(i, M * C) {
-    const int64_t c = i % C;
-    const int64_t g = (i / C) / pixels_per_group;
-    const A v = (static_cast<A>(z[i]) - mean[g * C + c]) * rstd[g * C + c];
+                                 const A* __restrict__ var, A eps, I M, I C, I pixels_per_group,
+                                 bool relu) {
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < M * C; i += (I)blockDim.x * gridDim.x) {
+    const I c = i % C;
+    const I s = ((i / C) / pixels_per_group) * C + c;
+    const A v = (static_cast<A>(z[i]) - mean[s]) * rsqrt(var[s] + eps);
     z[i] = static_cast<T>(v);
     if (relu) y[i] = static_cast<T>(v < A(0) ? A(0) : v);
   }
 }
 
 // dz = rstd * (dy' - a - xhat * b) (a != null: training) or rstd * dy'; dy' = relu ?
-// dy * (xh > 0) : dy.
-template <typename T, typename A>
+// dy * (xh > 0) : dy; rstd = 1 / sqrt(var + eps).
+template <typename T, typename A, typename I>
 __global__ void bn_input_grad_kernel(const T* __restrict__ dy, const T* __restrict__ xh,
-                                     const A* __restrict__ rstd, const A* __restrict__ a,
-                                     const A* __restrict__ b, T* __restrict__ dz, int64_t M,
-                                     int64_t C, int64_t pixels_per_group, bool relu) {
-  FASTSHIFT_GRID_STRIDE(i, M * C) {
-    const int64_t c = i % C;
-    const int64_t s = ((i / C) / pixels_per_group) * C + c;
+                                     const A* __restrict__ var, A eps, const A* __restrict__ a,
+                                     const A* __restrict__ b, T* __restrict__ dz, I M, I C,
+                                     I pixels_per_group, bool relu) {
+  for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < M * C; i += (I)blockDim.x * gridDim.x) {
+    const I c = i % C;
+    const I s = ((i / C) / pixels_per_group) * C + c;
     A g = static_cast<A>(dy[i]);
     if (relu && !(static_cast<A>(xh[i]) > A(0))) g = A(0);
-    const A v = a != nullptr ? rstd[s] * (g - a[s] - static_cast<A>(xh[i]) * b[s]) : rstd[s] * g;
+    const A rstd = rsqrt(var[s] + eps);
+    const A v = a != nullptr ? rstd * (g - a[s] - static_cast<A>(xh[i]) * b[s]) : rstd * g;
     dz[i] = static_cast<T>(v);
+  }
+}
+
+// f(int32_t{}) when n elements (plus one grid stride) fit 32-bit indices, else f(int64_t{}).
+template <typename F>
+void with_index_type(int64_t n, F&& f) {
+  if (n < std::numeric_limits<int32_t>::max() / 2) {
+    f(int32_t{});
+  } else {
+    f(int64_t{});
   }
 }
 
@@ -156,12 +489,31 @@ at::ScalarType acc_dtype(const at::Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
-// Biased mean and variance [G, C] (accumulate type) of z2d [M, C] per row group.
+// Biased mean and variance [G, C] (accumulate type) of z2d [M, C] (contiguous, M > 0) per
+// row group: one pass over z2d.
 std::tuple<at::Tensor, at::Tensor> group_moments(const at::Tensor& z2d, int64_t groups) {
-  const auto z = z2d.to(acc_dtype(z2d)).view({groups, -1, z2d.size(1)});
-  const at::Tensor mean = z.mean({1});
-  const at::Tensor var = (z - mean.unsqueeze(1)).square().mean({1});  // two passes: no
-  return {mean.contiguous(), var.contiguous()};                      // cancellation
+  TORCH_INTERNAL_ASSERT(z2d.is_contiguous());
+  TORCH_CHECK(z2d.size(0) > 0, "fastshift CUDA ops: batch statistics of no pixels");
+  TORCH_CHECK(groups <= 65535, "fastshift CUDA ops: at most 65535 row groups, got ", groups);
+  const int64_t M = z2d.size(0), C = z2d.size(1), Mg = M / groups;
+  const auto opts = z2d.options().dtype(acc_dtype(z2d));
+  const int64_t cblocks = (C + kLanes - 1) / kLanes;
+  const int64_t splits = column_splits(Mg, cblocks * groups);
+  at::Tensor part = at::empty({3, groups * splits * C}, opts);
+  at::Tensor mean = at::empty({groups, C}, opts), var = at::empty({groups, C}, opts);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z2d.scalar_type(), "group_moments",
+                                  [&] {
+    using A = at::acc_type<scalar_t, true>;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    moments_partial_kernel<scalar_t, A>
+        <<<dim3(cblocks, splits, groups), dim3(kLanes, kRows), 0, stream>>>(
+            z2d.const_data_ptr<scalar_t>(), part.data_ptr<A>(), Mg, C, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    moments_finish_kernel<A><<<blocks_for(groups * C), kThreads, 0, stream>>>(
+        part.const_data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), groups, C, splits);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {mean, var};
 }
 
 // dz [M, C] of the BN (+ReLU) backward; `xh` is xhat (training) or the output y (eval).
@@ -170,42 +522,95 @@ at::Tensor bn_input_grad(const at::Tensor& dy2d, const at::Tensor& xh2d, const a
   const int64_t M = dy2d.size(0), C = dy2d.size(1);
   at::Tensor dz = at::empty_like(dy2d);
   if (M == 0) return dz;
-  const at::Tensor rstd = at::rsqrt(var.to(acc_dtype(dy2d)) + eps).contiguous();
+  TORCH_INTERNAL_ASSERT(dy2d.is_contiguous() && xh2d.is_contiguous());
+  TORCH_CHECK(groups <= 65535, "fastshift CUDA ops: at most 65535 row groups, got ", groups);
+  const auto opts = dy2d.options().dtype(acc_dtype(dy2d));
+  const at::Tensor var_acc = var.to(opts.dtype()).contiguous();
+  const int64_t Mg = M / groups, cblocks = (C + kLanes - 1) / kLanes;
   at::Tensor a, b;
-  if (training) {
-    const auto acc = acc_dtype(dy2d);
-    at::Tensor g = dy2d.to(acc);
-    const at::Tensor xh = xh2d.to(acc);
-    if (relu) g = at::where(xh > 0, g, at::zeros({}, g.options()));
-    a = g.view({groups, -1, C}).mean({1}).contiguous();
-    b = (g * xh).view({groups, -1, C}).mean({1}).contiguous();
-  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy2d.scalar_type(), "bn_input_grad",
                                   [&] {
     using A = at::acc_type<scalar_t, true>;
-    bn_input_grad_kernel<scalar_t, A><<<blocks_for(M * C), kThreads, 0,
-                                        at::cuda::getCurrentCUDAStream()>>>(
-        dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(),
-        rstd.const_data_ptr<A>(), training ? a.const_data_ptr<A>() : nullptr,
-        training ? b.const_data_ptr<A>() : nullptr, dz.data_ptr<scalar_t>(), M, C, M / groups,
-        relu);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto stream = at::cuda::getCurrentCUDAStream();
+    if (training) {
+      const int64_t splits = column_splits(Mg, cblocks * groups);
+      at::Tensor part = at::empty({2, groups * splits * C}, opts);
+      a = at::empty({groups, C}, opts);
+      b = at::empty({groups, C}, opts);
+      bn_sums_partial_kernel<scalar_t, A>
+          <<<dim3(cblocks, splits, groups), dim3(kLanes, kRows), 0, stream>>>(
+              dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(),
+              part.data_ptr<A>(), Mg, C, splits, relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      bn_sums_finish_kernel<A><<<blocks_for(groups * C), kThreads, 0, stream>>>(
+          part.const_data_ptr<A>(), a.data_ptr<A>(), b.data_ptr<A>(), groups, C, splits, Mg);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+    with_index_type(M * C, [&](auto idx) {
+      using I = decltype(idx);
+      bn_input_grad_kernel<scalar_t, A, I><<<blocks_for(M * C), kThreads, 0, stream>>>(
+          dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(),
+          var_acc.const_data_ptr<A>(), static_cast<A>(eps),
+          training ? a.const_data_ptr<A>() : nullptr,
+          training ? b.const_data_ptr<A>() : nullptr, dz.data_ptr<scalar_t>(), I(M), I(C),
+          I(Mg), relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
   });
   return dz;
 }
 
-void normalize(at::Tensor& z2d, at::Tensor& y2d, const at::Tensor& mean, const at::Tensor& rstd,
-               int64_t groups, bool relu) {
+// z2d := (z2d - mean) / sqrt(var + eps) per row group (mean, var [G, C] contiguous, in the
+// accumulate type); with relu also y2d := max(z2d, 0).
+void normalize(at::Tensor& z2d, at::Tensor& y2d, const at::Tensor& mean, const at::Tensor& var,
+               double eps, int64_t groups, bool relu) {
   const int64_t M = z2d.size(0), C = z2d.size(1);
   if (M == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z2d.scalar_type(), "normalize", [&] {
     using A = at::acc_type<scalar_t, true>;
-    normalize_kernel<scalar_t, A><<<blocks_for(M * C), kThreads, 0,
-                                    at::cuda::getCurrentCUDAStream()>>>(
-        z2d.data_ptr<scalar_t>(), y2d.data_ptr<scalar_t>(), mean.const_data_ptr<A>(),
-        rstd.const_data_ptr<A>(), M, C, M / groups, relu);
+    with_index_type(M * C, [&](auto idx) {
+      using I = decltype(idx);
+      normalize_kernel<scalar_t, A, I><<<blocks_for(M * C), kThreads, 0,
+                                         at::cuda::getCurrentCUDAStream()>>>(
+          z2d.data_ptr<scalar_t>(), y2d.data_ptr<scalar_t>(), mean.const_data_ptr<A>(),
+          var.const_data_ptr<A>(), static_cast<A>(eps), I(M), I(C), I(M / groups), relu);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  });
+}
+
+// y = depthwise conv of x (channels-last [R, H, W, C] storage) with wt [K*K, C], optionally
+// normalised by shift / scale [G, C] (accumulate type; undefined: no normalisation).
+void dw_conv(const at::Tensor& x, const at::Tensor& wt, at::Tensor& y, const at::Tensor& shift,
+             const at::Tensor& scale, int64_t K, int64_t S, int64_t rows_per_group) {
+  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
+  const int64_t OH = y.size(2), OW = y.size(3);
+  const bool norm = shift.defined();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_conv", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const A* sh = norm ? shift.const_data_ptr<A>() : nullptr;
+    const A* sc = norm ? scale.const_data_ptr<A>() : nullptr;
+    const bool tiled = with_taps(K, S, [&](auto k, auto s) {
+      constexpr int kK = decltype(k)::value, kS = decltype(s)::value;
+      const int64_t n = R * OH * ((OW + kTile - 1) / kTile) * C;
+      dw_conv_tiled_kernel<scalar_t, A, kK, kS><<<blocks_for(n), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          sh, sc, R, H, W, C, OH, OW, rows_per_group);
+    });
+    if (!tiled) {
+      dw_conv_kernel<scalar_t, A><<<blocks_for(y.numel()), kThreads, 0, stream>>>(
+          x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+          sh, sc, R, H, W, C, OH, OW, static_cast<int>(K), static_cast<int>(S), rows_per_group);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// The [K*K, C] tap-major weights of a [C, 1, K, K] depthwise weight.
+at::Tensor taps_by_channel(const at::Tensor& weight) {
+  const int64_t C = weight.size(0), K = weight.size(2);
+  return weight.reshape({C, K * K}).t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cuda(
@@ -217,34 +622,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cuda(
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
   const int64_t OH = conv_out_size(H, K, stride), OW = conv_out_size(W, K, stride);
   at::Tensor y = empty_rows_last(R, C, OH, OW, x);
-  const at::Tensor wt = weight.reshape({C, K * K}).t().contiguous();
+  const at::Tensor wt = taps_by_channel(weight);
   const auto acc = acc_dtype(x);
   at::Tensor shift, scale;
   if (!training) {
     shift = mean_in.to(acc).contiguous();
     scale = at::rsqrt(var_in.to(acc) + eps).contiguous();
   }
-  if (R > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dwconv_bn_cuda",
-                                    [&] {
-      using A = at::acc_type<scalar_t, true>;
-      dw_conv_kernel<scalar_t, A><<<blocks_for(y.numel()), kThreads, 0,
-                                    at::cuda::getCurrentCUDAStream()>>>(
-          x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          training ? nullptr : shift.const_data_ptr<A>(),
-          training ? nullptr : scale.const_data_ptr<A>(), R, H, W, C, OH, OW,
-          static_cast<int>(K), static_cast<int>(stride), R / groups);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  if (R > 0 && y.numel() > 0) dw_conv(x, wt, y, shift, scale, K, stride, R / groups);
   if (!training) return {y, mean_in.clone(), var_in.clone()};
-  if (R == 0) {
+  if (y.numel() == 0) {
     at::Tensor z = at::zeros({groups, C}, x.options());
     return {y, z, z.clone()};
   }
   at::Tensor z2d = y.permute({0, 2, 3, 1}).view({R * OH * OW, C});  // y's storage
   auto [mean, var] = group_moments(z2d, groups);
-  normalize(z2d, z2d, mean, at::rsqrt(var + eps).contiguous(), groups, /*relu=*/false);
+  normalize(z2d, z2d, mean, var, eps, groups, /*relu=*/false);
   return {y, mean.to(x.scalar_type()), var.to(x.scalar_type())};
 }
 
@@ -264,22 +657,48 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cuda(
   if (R == 0) return {dx, at::zeros_like(weight, at::MemoryFormat::Contiguous)};
   const at::Tensor dy2d = pixel_rows(grad_in);
   const at::Tensor xh2d = training ? pixel_rows(y_in) : dy2d;
-  const at::Tensor dz = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/false);
-  const at::Tensor wt = weight.reshape({C, K * K}).t().contiguous();
-  const int64_t splits = std::max<int64_t>(1, std::min<int64_t>(256, R * OH * OW / 64));
+  const at::Tensor dz2d = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/false);
+  const at::Tensor wt = taps_by_channel(weight);
+  const bool tiled = with_taps(K, stride, [](auto, auto) {});
+  if (tiled && stride == 1) {
+    // at stride 1 the input gradient is the same conv with the kernel flipped (P = (K-1)/2)
+    const at::Tensor dz = dz2d.view({R, OH, OW, C}).permute({0, 3, 1, 2});
+    dw_conv(dz, taps_by_channel(weight.flip({2, 3})), dx, at::Tensor(), at::Tensor(), K, 1, R);
+  }
+  const int64_t splits = tiled ? column_splits(R * OH, (C + kLanes - 1) / kLanes)
+                               : std::max<int64_t>(1, std::min<int64_t>(256, R * OH * OW / 64));
   at::Tensor part = at::empty({K * K, splits, C}, x.options().dtype(acc_dtype(x)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "dwconv_bn_backward_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     auto stream = at::cuda::getCurrentCUDAStream();
-    dw_input_grad_kernel<scalar_t, A><<<blocks_for(dx.numel()), kThreads, 0, stream>>>(
-        dz.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(),
-        R, H, W, C, OH, OW, static_cast<int>(K), static_cast<int>(stride));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    dw_weight_grad_kernel<scalar_t, A><<<blocks_for(part.numel()), kThreads, 0, stream>>>(
-        x.const_data_ptr<scalar_t>(), dz.const_data_ptr<scalar_t>(), part.data_ptr<A>(), R, H,
-        W, C, OH, OW, static_cast<int>(K), static_cast<int>(stride), splits);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const scalar_t* dzp = dz2d.const_data_ptr<scalar_t>();
+    const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
+    if (tiled) {
+      with_taps(K, stride, [&](auto k, auto s) {
+        constexpr int kK = decltype(k)::value, kS = decltype(s)::value;
+        if constexpr (kS == 2) {
+          dw_input_grad_s2_kernel<scalar_t, A, kK><<<blocks_for(dx.numel()), kThreads, 0,
+                                                     stream>>>(
+              dzp, wtp, dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        }
+        dw_weight_grad_tiled_kernel<scalar_t, A, kK, kS>
+            <<<dim3((C + kLanes - 1) / kLanes, splits), dim3(kLanes, kRows), 0, stream>>>(
+                xp, dzp, part.data_ptr<A>(), R, H, W, C, OH, OW, splits);
+        C10_CUDA_KERNEL_LAUNCH_CHECK();
+      });
+    } else {
+      dw_input_grad_kernel<scalar_t, A><<<blocks_for(dx.numel()), kThreads, 0, stream>>>(
+          dzp, wtp, dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW, static_cast<int>(K),
+          static_cast<int>(stride));
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      dw_weight_grad_kernel<scalar_t, A><<<blocks_for(part.numel()), kThreads, 0, stream>>>(
+          xp, dzp, part.data_ptr<A>(), R, H, W, C, OH, OW, static_cast<int>(K),
+          static_cast<int>(stride), splits);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
   });
   at::Tensor dw = part.sum(1).t().reshape({C, 1, K, K}).to(x.scalar_type()).contiguous();
   return {dx, dw};
@@ -296,17 +715,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cuda(
   at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());
   const auto acc = acc_dtype(x);
   if (!training) {
-    normalize(z, z, mean_in.to(acc).contiguous(), at::rsqrt(var_in.to(acc) + eps).contiguous(),
-              groups, /*relu=*/true);
+    normalize(z, z, mean_in.to(acc).contiguous(), var_in.to(acc).contiguous(), eps, groups,
+              /*relu=*/true);
     return {z.view({R, H, W, O}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
             mean_in.clone(), var_in.clone()};
   }
   at::Tensor y = at::empty_like(z);
-  at::Tensor mean = at::zeros({groups, O}, x.options().dtype(acc));
-  at::Tensor var = at::zeros({groups, O}, x.options().dtype(acc));
-  if (R > 0) {
+  at::Tensor mean, var;
+  if (z.size(0) > 0) {
     std::tie(mean, var) = group_moments(z, groups);
-    normalize(z, y, mean, at::rsqrt(var + eps).contiguous(), groups, /*relu=*/true);
+    normalize(z, y, mean, var, eps, groups, /*relu=*/true);
+  } else {
+    mean = at::zeros({groups, O}, x.options().dtype(acc));
+    var = at::zeros({groups, O}, x.options().dtype(acc));
   }
   return {y.view({R, H, W, O}).permute({0, 3, 1, 2}), z.view({R, H, W, O}).permute({0, 3, 1, 2}),
           mean.to(x.scalar_type()), var.to(x.scalar_type())};
