@@ -16,6 +16,7 @@ torch into the build environment):  pip install --no-build-isolation -e .
 
 import glob
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -41,6 +42,19 @@ def _cuda_toolkit_root():
     if os.path.exists("/usr/local/cuda/bin/nvcc"):
         return "/usr/local/cuda"
     return None
+
+
+def cuda_arch_codes(arch_list: str) -> list[int]:
+    """The compute capabilities in a TORCH_CUDA_ARCH_LIST ("8.0;9.0a", "8.6+PTX 9.0") as
+    major * 10 + minor; an entry with +PTX (JIT-compiled by newer GPUs) as 1000 + that code.
+    Entries that are not of the form X.Y (architecture names) are left out."""
+    codes = []
+    for entry in re.split(r"[;\s,]+", arch_list.strip()):
+        m = re.fullmatch(r"(\d+)\.(\d+)[a-z]?(\+PTX)?", entry, flags=re.IGNORECASE)
+        if m:
+            code = int(m.group(1)) * 10 + int(m.group(2))
+            codes.append(code + 1000 if m.group(3) else code)
+    return codes
 
 
 def extensions():
@@ -78,6 +92,8 @@ def extensions():
         define_macros += [
             ("FASTSHIFT_WITH_CUDA", None),
             ("FASTSHIFT_CUDA_VERSION", str(int(major) * 1000 + int(minor) * 10)),
+            ("FASTSHIFT_CUDA_ARCHS",
+             ",".join(map(str, cuda_arch_codes(os.environ["TORCH_CUDA_ARCH_LIST"]))) or "0"),
         ]
         extra["nvcc"] = ["-O3", "-std=c++20", "--expt-relaxed-constexpr"]
         ext = CUDAExtension(

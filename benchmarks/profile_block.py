@@ -8,7 +8,11 @@ backward; then one profiled run of --repeats of them (torch.profiler) gives, per
 the aten / fastshift ops, slowed by the profiler, so it can exceed wall_ms there),
 `launches` (kernels, or those op calls on CPU) and the top --top entries by time. On a GPU,
 wall_ms much larger than device_ms means the block is bound by host work (Python, dispatch,
-launches), not by the kernels.
+launches), not by the kernels. --host-top N adds where that host time goes: `host_ms` (one
+step's host time: the forward + backward calls without the final synchronisation, median of
+--repeats), `host_top` (the N largest self host times of the profiled run: aten / fastshift
+ops, CUDA runtime calls) and `python_top` (the N largest own times of Python functions under
+cProfile, which inflates them about 2x: compare within a run).
 
 usage: python benchmarks/profile_block.py --scale gpu --device cuda --backends reference cuda \\
            --blocks shuffle3:1 shuffle3:17 --out profile.json
@@ -19,9 +23,12 @@ small-map block of each choice.)
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import sys
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -45,7 +52,33 @@ def _pick(space, batch, wanted):
     return [blocks[w] for w in wanted]
 
 
-def profile_entry(entry, backend, device, batch, repeats, top):
+def _python_top(step, device, repeats, top):
+    """The `top` Python functions (and C calls) by own time per step under cProfile."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(repeats):
+        step()
+    _sync(device)
+    prof.disable()
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (cc, nc, tottime, cumtime, ...)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return [{"name": f"{os.path.basename(f)}:{line}({name})"[:90], "ms": v[2] * 1e3 / repeats,
+             "calls": v[1] / repeats} for (f, line, name), v in rows]
+
+
+def _host_ms(step, device, repeats):
+    """Median host time of one step (no synchronisation inside the timed span)."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    times.sort()
+    return times[len(times) // 2] * 1e3
+
+
+def profile_entry(entry, backend, device, batch, repeats, top, host_top=0):
     fn, _ = _params(entry["make"](torch.float32, device, batch))
     x = _input(entry, batch, torch.float32, device, backend)
 
@@ -74,12 +107,22 @@ def profile_entry(entry, backend, device, batch, repeats, top):
                 continue
         rows.append((ev.key, t / 1e3 / repeats, ev.count / repeats))
     rows.sort(key=lambda r: -r[1])
-    return {
+    result = {
         "wall_ms": wall * 1e3,
         "device_ms": sum(r[1] for r in rows),
         "launches": sum(r[2] for r in rows),
         "top": [{"name": n[:90], "ms": ms, "calls": c} for n, ms, c in rows[:top]],
     }
+    if host_top:
+        host = sorted(((ev.key, ev.self_cpu_time_total / 1e3 / repeats, ev.count / repeats)
+                       for ev in prof.key_averages()
+                       if ev.device_type == torch.autograd.DeviceType.CPU
+                       and ev.self_cpu_time_total > 0), key=lambda r: -r[1])
+        result["host_ms"] = _host_ms(step, device, repeats)
+        result["host_top"] = [{"name": n[:90], "ms": ms, "calls": c}
+                              for n, ms, c in host[:host_top]]
+        result["python_top"] = _python_top(step, device, repeats, host_top)
+    return result
 
 
 def main(argv=None):
@@ -92,6 +135,8 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, default=None, help="default: the scale's batch")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--top", type=int, default=8)
+    parser.add_argument("--host-top", type=int, default=0,
+                        help="also break the host time down (N largest entries)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     device = torch.device(args.device)
@@ -106,12 +151,20 @@ def main(argv=None):
     for entry in _pick(space, batch, args.blocks):
         per = result["blocks"][entry["name"]] = {}
         for b in backends:
-            per[b] = profile_entry(entry, b, device, batch, args.repeats, args.top)
+            per[b] = profile_entry(entry, b, device, batch, args.repeats, args.top,
+                                   args.host_top)
             p = per[b]
             print(f"{entry['name']:>40} {b:>9}: wall {p['wall_ms']:7.2f} ms  device "
                   f"{p['device_ms']:7.2f} ms  {p['launches']:5.0f} launches  top: "
                   + ", ".join(f"{t['name'][:28]} {t['ms']:.2f}" for t in p["top"][:3]),
                   flush=True)
+            if args.host_top:
+                print(f"{'':>40} host {p['host_ms']:.2f} ms per step; host ops: "
+                      + ", ".join(f"{t['name'][:40]} {t['ms']:.3f} ({t['calls']:.0f})"
+                                  for t in p["host_top"]), flush=True)
+                print(f"{'':>40} python (cProfile): "
+                      + ", ".join(f"{t['name']} {t['ms']:.3f} ({t['calls']:.0f})"
+                                  for t in p["python_top"]), flush=True)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)

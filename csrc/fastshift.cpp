@@ -87,4 +87,7 @@ TORCH_LIBRARY(fastshift, m) {
         "(Tensor grad_x, Tensor[] grad_weights)");
   // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   m.def("cuda_version() -> int");
+  // The compute capabilities the CUDA bodies were compiled for (major * 10 + minor; 1000 +
+  // that for PTX, which newer GPUs compile at load time); empty for a CPU-only build.
+  m.def("cuda_archs() -> int[]");
 }

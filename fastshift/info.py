@@ -37,6 +37,8 @@ def collect() -> dict:
         "extension_error": ops.BUILD_ERROR,
         "extension_cuda": ops.cuda_built(),
         "extension_cuda_version": int(torch.ops.fastshift.cuda_version()) if ops.HAVE_C else 0,
+        "extension_cuda_archs": [f"sm_{a % 1000}" + ("+PTX" if a > 1000 else "")
+                                 for a in ops.CUDA_ARCHS],
         "cuda_device": torch.cuda.get_device_name(0) if cuda_available else None,
         "backends_usable": ops.available_backends(),
         "backend_env": os.environ.get("FASTSHIFT_BACKEND"),
@@ -57,7 +59,8 @@ def report(as_json: bool = False) -> str:
              f"torch {facts['torch']} (CUDA build: {facts['torch_cuda']}), "
              f"triton {facts['triton']}"]
     if facts["extension_built"]:
-        cuda = (f"with CUDA bodies (toolkit {facts['extension_cuda_version']})"
+        cuda = (f"with CUDA bodies (toolkit {facts['extension_cuda_version']}, for "
+                f"{', '.join(facts['extension_cuda_archs']) or 'no known GPU'})"
                 if facts["extension_cuda"] else "CPU bodies only")
         lines.append(f"fastshift._C: built, {cuda}")
     else:

@@ -26,7 +26,8 @@
 # Environment: OUT (default /tmp/fastshift-gpu-check), PYTHON (default python3), BUDGET,
 # FASTSHIFT_KEEP_CXX (set: keep the environment's CC / CXX instead of /usr/bin's),
 # DEVICE (default cuda), OPS_SCALE / SEARCH_SCALE (default gpu), SEARCH_CANDIDATES (4),
-# SEARCH_KS ("4"), SKIP (space-separated step names to leave out), MAX_JOBS (default nproc).
+# SEARCH_KS ("4"), SKIP (space-separated step names to leave out), MAX_JOBS (default nproc),
+# PROFILE_ARGS (more profile_block.py arguments, e.g. "--blocks shuffle3:17 --host-top 15").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastshift-gpu-check}
@@ -47,6 +48,7 @@ SEARCH_SCALE=${SEARCH_SCALE:-gpu}
 SEARCH_CANDIDATES=${SEARCH_CANDIDATES:-4}
 SEARCH_KS=${SEARCH_KS:-4}
 SKIP=" ${SKIP:-} "
+PROFILE_ARGS=${PROFILE_ARGS:-}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=${TRITON_INTERPRET:-0}  # compiled Triton, not the CPU interpreter
@@ -113,7 +115,8 @@ TRITON_BACKEND=triton
 "$PY" -c "import sys; from fastshift import ops; sys.exit(not ops.triton_usable('$DEVICE'))" \
   2>/dev/null || TRITON_BACKEND=
 step profile 90 "$PY" benchmarks/profile_block.py --scale "$OPS_SCALE" --device "$DEVICE" \
-  --backends reference "$DEVICE" $TRITON_BACKEND --out "$W/profile_block_${OPS_SCALE}.json"
+  --backends reference "$DEVICE" $TRITON_BACKEND --out "$W/profile_block_${OPS_SCALE}.json" \
+  $PROFILE_ARGS
 step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
   tests/test_fused_ops.py -k triton --junitxml="$W/tests_triton.xml"
 # shellcheck disable=SC2086  # SEARCH_KS is a list

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fastshift import info, ops
 
@@ -72,3 +73,23 @@ def test_own_cxx_runtime_detects_static_libstdcxx(tmp_path, static):
     assert proc.returncode == 0, proc.stderr
     own = _setup_module().own_cxx_runtime(str(lib))
     assert own == (["__cxa_throw", "__gxx_personality_v0"] if static else [])
+
+
+def test_cuda_arch_codes_parses_the_arch_list():
+    codes = _setup_module().cuda_arch_codes
+    assert codes("9.0") == [90]
+    assert codes("8.0;9.0a") == [80, 90]
+    assert codes("7.5 8.6+PTX") == [75, 1086]
+    assert codes("Hopper;9.0") == [90]  # names are left out
+    assert codes("") == []
+
+
+def test_extension_reports_its_cuda_archs():
+    """The build records the GPUs its CUDA bodies were compiled for; `auto` reads them."""
+    archs = list(torch.ops.fastshift.cuda_archs()) if ops.HAVE_C else []
+    if not ops.cuda_built():
+        assert archs == [] and ops.CUDA_ARCHS == ()
+        return
+    assert archs and all(30 <= a % 1000 < 200 for a in archs)
+    assert ops.CUDA_ARCHS == tuple(archs)
+    assert "sm_" in info.report()

@@ -252,6 +252,29 @@ def test_cuda_built_traces_under_compile():
     torch.testing.assert_close(f(x), x + 1 if ops.cuda_built() else x - 1)
 
 
+def test_cuda_auto_backend_rule():
+    """auto's choice on a GPU: the CUDA bodies only where the build carries code for it."""
+    assert ops.cuda_auto_backend((9, 0), (90,)) == "cuda"
+    assert ops.cuda_auto_backend((8, 0), (90,)) == "reference"  # built for Hopper only
+    assert ops.cuda_auto_backend((9, 0), (80, 1086)) == "cuda"  # PTX of an older GPU
+    assert ops.cuda_auto_backend((8, 0), (1086,)) == "reference"  # PTX of a newer one
+    assert ops.cuda_auto_backend((9, 0), ()) == "reference"  # no CUDA bodies
+    assert ops.cuda_auto_backend(None, (90,)) == "reference"  # capability unknown
+
+
+def test_auto_on_cuda_traces_under_compile():
+    """resolve_backend's auto on a CUDA device is a constant for torch.compile (fullgraph)."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager", fullgraph=True)
+    def f(x):
+        return x + 1 if ops.resolve_backend("auto", torch.device("cuda")) == "cuda" else x - 1
+
+    x = torch.zeros(2)
+    expected = ops.resolve_backend("auto", torch.device("cuda"))
+    torch.testing.assert_close(f(x), x + 1 if expected == "cuda" else x - 1)
+
+
 def test_backend_choice(monkeypatch):
     assert ops.resolve_backend("reference", torch.device("cpu")) == "reference"
     with pytest.raises(ValueError, match="unknown fastshift backend 'fast'"):
@@ -260,8 +283,12 @@ def test_backend_choice(monkeypatch):
     assert ops.resolve_backend(None, torch.device("cpu")) == "reference"
     monkeypatch.setenv("FASTSHIFT_BACKEND", "auto")
     assert ops.resolve_backend(None, torch.device("cpu")) == ("cpu" if ops.HAVE_C else "reference")
-    # on CUDA, auto is PyTorch's path: the CUDA and Triton bodies measured slower (README, GPU)
-    assert ops.resolve_backend(None, torch.device("cuda")) == "reference"
+    # on CUDA, auto is the CUDA bodies on a GPU they were compiled for (measured faster than
+    # cuDNN end to end, README "GPU"), else PyTorch's path; never Triton
+    expected = "reference"
+    if torch.cuda.is_available():
+        expected = ops.cuda_auto_backend(torch.cuda.get_device_capability())
+    assert ops.resolve_backend(None, torch.device("cuda")) == expected
     if ops.cuda_built():
         with pytest.raises(ValueError, match="cannot run tensors on device 'cpu'"):
             ops.resolve_backend("cuda", torch.device("cpu"))

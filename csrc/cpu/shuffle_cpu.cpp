@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <vector>
@@ -319,6 +320,23 @@ int64_t cuda_version() {
 #endif
 }
 
+// FASTSHIFT_CUDA_ARCHS: "90" or "80,1086" from setup.py (TORCH_CUDA_ARCH_LIST); builds that
+// do not set it (the CMake build for the ctests) report no architectures, so `auto` does not
+// pick their CUDA bodies.
+#ifndef FASTSHIFT_CUDA_ARCHS
+#define FASTSHIFT_CUDA_ARCHS 0
+#endif
+
+std::vector<int64_t> cuda_archs() {
+#ifdef FASTSHIFT_WITH_CUDA
+  std::vector<int64_t> codes{FASTSHIFT_CUDA_ARCHS};
+  codes.erase(std::remove(codes.begin(), codes.end(), 0), codes.end());
+  return codes;
+#else
+  return {};
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
@@ -330,6 +348,7 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
 
 TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {
   m.impl("cuda_version", &cuda_version);
+  m.impl("cuda_archs", &cuda_archs);
 }
 
 }  // namespace fastshift

@@ -6,8 +6,10 @@
 //   columns of one channel from one register row of inputs per kernel row (the taps are
 //   compile-time constants); its input gradient is that same kernel on the flipped weights at
 //   stride 1, and a tap-parity gather at stride 2; its weight gradient keeps all k*k taps of
-//   one channel in registers over a slice of output rows (dz is read once) and adds the slices
-//   in a fixed order (deterministic). Other odd k run generic one-output-per-thread kernels;
+//   one channel in registers over a slice of output rows (dz is read once), and a finishing
+//   kernel adds the slices in a fixed order (deterministic) into the weight's own layout and
+//   dtype. These read the weight as it is ([C, k*k]; no transposed or flipped copy). Other odd
+//   k run generic one-output-per-thread kernels;
 //   batch statistics are one pass over the data (shifted sums per thread, merged with Chan's
 //   formula), the two BN-backward sums another, each with a small finishing kernel, in a fixed
 //   order (deterministic); the normalisation (+ReLU) and the BN input gradient are one
@@ -44,16 +46,17 @@ inline int blocks_for(int64_t n) {
 
 constexpr int kTile = 4;  // output columns per thread
 
-// out[r, oh, ow, c] = sum_t x[r, oh*S - P + kh, ow*S - P + kw, c] * wt[t, c]; with shift/scale:
-// (sum - shift[g, c]) * scale[g, c], g = r / rows_per_group. One thread: kTile columns
-// ow0 .. ow0 + kTile - 1 of one (r, oh, c); per kernel row it loads the (kTile-1)*S + K input
-// columns they share once.
+// out[r, oh, ow, c] = sum_t x[r, oh*S - P + kh, ow*S - P + kw, c] * w[c, t'] with the weight
+// in its own [C, K*K] layout, t' = t (flip: K*K - 1 - t, the kernel turned by 180 degrees);
+// with mean/var (eval): (sum - mean[g, c]) / sqrt(var[g, c] + eps), g = r / rows_per_group.
+// One thread: kTile columns ow0 .. ow0 + kTile - 1 of one (r, oh, c); per kernel row it loads
+// the (kTile-1)*S + K input columns they share once.
 template <typename T, typename A, int K, int S>
-__global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ wt,
-                                     T* __restrict__ out, const A* __restrict__ shift,
-                                     const A* __restrict__ scale, int64_t R, int64_t H,
+__global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restrict__ w,
+                                     T* __restrict__ out, const A* __restrict__ mean,
+                                     const A* __restrict__ var, A eps, int64_t R, int64_t H,
                                      int64_t W, int64_t C, int64_t OH, int64_t OW,
-                                     int64_t rows_per_group) {
+                                     int64_t rows_per_group, bool flip) {
   constexpr int P = K / 2;
   constexpr int kSpan = (kTile - 1) * S + K;
   const int64_t OWT = (OW + kTile - 1) / kTile;
@@ -68,6 +71,7 @@ __global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restric
 #pragma unroll
     for (int t = 0; t < kTile; ++t) acc[t] = A(0);
     const int64_t iw0 = ow0 * S - P;
+    const T* wc = w + c * (K * K);
 #pragma unroll
     for (int kh = 0; kh < K; ++kh) {
       const int64_t ih = oh * S - P + kh;
@@ -81,22 +85,23 @@ __global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restric
       }
 #pragma unroll
       for (int kw = 0; kw < K; ++kw) {
-        const A wv = static_cast<A>(wt[(kh * K + kw) * C + c]);
+        const int t = kh * K + kw;
+        const A wv = static_cast<A>(wc[flip ? K * K - 1 - t : t]);
 #pragma unroll
         for (int t = 0; t < kTile; ++t) acc[t] += xs[t * S + kw] * wv;
       }
     }
     A sh = A(0), sc = A(1);
-    if (shift != nullptr) {
+    if (mean != nullptr) {
       const int64_t g = r / rows_per_group;
-      sh = shift[g * C + c];
-      sc = scale[g * C + c];
+      sh = mean[g * C + c];
+      sc = rsqrt(var[g * C + c] + eps);
     }
     T* orow = out + (r * OH + oh) * OW * C + c;
 #pragma unroll
     for (int t = 0; t < kTile; ++t) {
       if (ow0 + t < OW) {
-        const A v = shift != nullptr ? (acc[t] - sh) * sc : acc[t];
+        const A v = mean != nullptr ? (acc[t] - sh) * sc : acc[t];
         orow[(ow0 + t) * C] = static_cast<T>(v);
       }
     }
@@ -104,9 +109,9 @@ __global__ void dw_conv_tiled_kernel(const T* __restrict__ x, const T* __restric
 }
 
 // Stride-2 input gradient: dx[r, ih, iw, c] = sum dz[r, (ih + P - kh) / 2, (iw + P - kw) / 2, c]
-// * wt[t, c] over the taps of the parity that makes the division exact, in range.
+// * w[c, t] over the taps of the parity that makes the division exact, in range (w: [C, K*K]).
 template <typename T, typename A, int K>
-__global__ void dw_input_grad_s2_kernel(const T* __restrict__ dz, const T* __restrict__ wt,
+__global__ void dw_input_grad_s2_kernel(const T* __restrict__ dz, const T* __restrict__ w,
                                         T* __restrict__ dx, int64_t R, int64_t H, int64_t W,
                                         int64_t C, int64_t OH, int64_t OW) {
   constexpr int P = K / 2;
@@ -130,7 +135,7 @@ __global__ void dw_input_grad_s2_kernel(const T* __restrict__ dz, const T* __res
         const int kw = kw0 + 2 * mw;
         const int64_t tw = iw + P - kw;
         if (kw >= K || tw < 0 || tw / 2 >= OW) continue;
-        acc += static_cast<A>(dzrow[(tw / 2) * C]) * static_cast<A>(wt[(kh * K + kw) * C + c]);
+        acc += static_cast<A>(dzrow[(tw / 2) * C]) * static_cast<A>(w[c * (K * K) + kh * K + kw]);
       }
     }
     dx[i] = static_cast<T>(acc);
@@ -193,6 +198,18 @@ __global__ void __launch_bounds__(kLanes* kRows)
   }
 }
 
+// dw[c, t] = sum over the slices s (in order) of part[t, s, c], in the weight's dtype.
+template <typename T, typename A>
+__global__ void dw_weight_finish_kernel(const A* __restrict__ part, T* __restrict__ dw,
+                                        int64_t taps, int64_t splits, int64_t C) {
+  FASTSHIFT_GRID_STRIDE(i, taps * C) {
+    const int64_t c = i / taps, t = i % taps;
+    A sum = 0;
+    for (int64_t s = 0; s < splits; ++s) sum += part[(t * splits + s) * C + c];
+    dw[i] = static_cast<T>(sum);
+  }
+}
+
 // f(integral_constant K, integral_constant S) for the compiled tap sets; false for others.
 template <typename F>
 bool with_taps(int64_t K, int64_t S, F&& f) {
@@ -222,11 +239,11 @@ int64_t column_splits(int64_t n, int64_t blocks) {
 // Generic depthwise kernels (any odd k): one output per thread.
 
 // out[r, oh, ow, c] = sum_t x[r, oh*S - P + kh, ow*S - P + kw, c] * wt[t, c];
-// with shift/scale: (sum - shift[g, c]) * scale[g, c], g = r / rows_per_group.
+// with mean/var (eval): (sum - mean[g, c]) / sqrt(var[g, c] + eps), g = r / rows_per_group.
 template <typename T, typename A>
 __global__ void dw_conv_kernel(const T* __restrict__ x, const T* __restrict__ wt,
-                               T* __restrict__ out, const A* __restrict__ shift,
-                               const A* __restrict__ scale, int64_t R, int64_t H, int64_t W,
+                               T* __restrict__ out, const A* __restrict__ mean,
+                               const A* __restrict__ var, A eps, int64_t R, int64_t H, int64_t W,
                                int64_t C, int64_t OH, int64_t OW, int K, int S,
                                int64_t rows_per_group) {
   const int P = K / 2;
@@ -248,9 +265,9 @@ __global__ void dw_conv_kernel(const T* __restrict__ x, const T* __restrict__ wt
                static_cast<A>(wt[(kh * K + kw) * C + c]);
       }
     }
-    if (shift != nullptr) {
+    if (mean != nullptr) {
       const int64_t g = r / rows_per_group;
-      acc = (acc - shift[g * C + c]) * scale[g * C + c];
+      acc = (acc - mean[g * C + c]) * rsqrt(var[g * C + c] + eps);
     }
     out[i] = static_cast<T>(acc);
   }
@@ -579,38 +596,43 @@ void normalize(at::Tensor& z2d, at::Tensor& y2d, const at::Tensor& mean, const a
   });
 }
 
-// y = depthwise conv of x (channels-last [R, H, W, C] storage) with wt [K*K, C], optionally
-// normalised by shift / scale [G, C] (accumulate type; undefined: no normalisation).
-void dw_conv(const at::Tensor& x, const at::Tensor& wt, at::Tensor& y, const at::Tensor& shift,
-             const at::Tensor& scale, int64_t K, int64_t S, int64_t rows_per_group) {
+// The [K*K, C] tap-major weights of a [C, 1, K, K] depthwise weight (the generic kernels').
+at::Tensor taps_by_channel(const at::Tensor& weight) {
+  const int64_t C = weight.size(0), K = weight.size(2);
+  return weight.reshape({C, K * K}).t().contiguous();
+}
+
+// y = depthwise conv of x (channels-last [R, H, W, C] storage) with weight ([C, 1, K, K]
+// contiguous; flip: turned by 180 degrees), optionally normalised by mean / var [G, C]
+// (accumulate type, contiguous; undefined: no normalisation) and eps.
+void dw_conv(const at::Tensor& x, const at::Tensor& weight, bool flip, at::Tensor& y,
+             const at::Tensor& mean, const at::Tensor& var, double eps, int64_t K, int64_t S,
+             int64_t rows_per_group) {
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3);
   const int64_t OH = y.size(2), OW = y.size(3);
-  const bool norm = shift.defined();
+  const bool norm = mean.defined();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "dw_conv", [&] {
     using A = at::acc_type<scalar_t, true>;
     auto stream = at::cuda::getCurrentCUDAStream();
-    const A* sh = norm ? shift.const_data_ptr<A>() : nullptr;
-    const A* sc = norm ? scale.const_data_ptr<A>() : nullptr;
+    const A* mp = norm ? mean.const_data_ptr<A>() : nullptr;
+    const A* vp = norm ? var.const_data_ptr<A>() : nullptr;
     const bool tiled = with_taps(K, S, [&](auto k, auto s) {
       constexpr int kK = decltype(k)::value, kS = decltype(s)::value;
       const int64_t n = R * OH * ((OW + kTile - 1) / kTile) * C;
       dw_conv_tiled_kernel<scalar_t, A, kK, kS><<<blocks_for(n), kThreads, 0, stream>>>(
-          x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          sh, sc, R, H, W, C, OH, OW, rows_per_group);
+          x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+          y.data_ptr<scalar_t>(), mp, vp, static_cast<A>(eps), R, H, W, C, OH, OW,
+          rows_per_group, flip);
     });
     if (!tiled) {
+      const at::Tensor wt = taps_by_channel(flip ? weight.flip({2, 3}) : weight);
       dw_conv_kernel<scalar_t, A><<<blocks_for(y.numel()), kThreads, 0, stream>>>(
           x.const_data_ptr<scalar_t>(), wt.const_data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
-          sh, sc, R, H, W, C, OH, OW, static_cast<int>(K), static_cast<int>(S), rows_per_group);
+          mp, vp, static_cast<A>(eps), R, H, W, C, OH, OW, static_cast<int>(K),
+          static_cast<int>(S), rows_per_group);
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-}
-
-// The [K*K, C] tap-major weights of a [C, 1, K, K] depthwise weight.
-at::Tensor taps_by_channel(const at::Tensor& weight) {
-  const int64_t C = weight.size(0), K = weight.size(2);
-  return weight.reshape({C, K * K}).t().contiguous();
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cuda(
@@ -622,14 +644,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cuda(
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
   const int64_t OH = conv_out_size(H, K, stride), OW = conv_out_size(W, K, stride);
   at::Tensor y = empty_rows_last(R, C, OH, OW, x);
-  const at::Tensor wt = taps_by_channel(weight);
+  const at::Tensor w = weight.contiguous();
   const auto acc = acc_dtype(x);
-  at::Tensor shift, scale;
+  at::Tensor mean_acc, var_acc;  // eval: the given statistics (undefined: training)
   if (!training) {
-    shift = mean_in.to(acc).contiguous();
-    scale = at::rsqrt(var_in.to(acc) + eps).contiguous();
+    mean_acc = mean_in.to(acc).contiguous();
+    var_acc = var_in.to(acc).contiguous();
   }
-  if (R > 0 && y.numel() > 0) dw_conv(x, wt, y, shift, scale, K, stride, R / groups);
+  if (R > 0 && y.numel() > 0) {
+    dw_conv(x, w, false, y, mean_acc, var_acc, eps, K, stride, R / groups);
+  }
   if (!training) return {y, mean_in.clone(), var_in.clone()};
   if (y.numel() == 0) {
     at::Tensor z = at::zeros({groups, C}, x.options());
@@ -658,30 +682,31 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cuda(
   const at::Tensor dy2d = pixel_rows(grad_in);
   const at::Tensor xh2d = training ? pixel_rows(y_in) : dy2d;
   const at::Tensor dz2d = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/false);
-  const at::Tensor wt = taps_by_channel(weight);
+  const at::Tensor w = weight.contiguous();
   const bool tiled = with_taps(K, stride, [](auto, auto) {});
+  const at::Tensor wt = tiled ? at::Tensor() : taps_by_channel(w);
   if (tiled && stride == 1) {
     // at stride 1 the input gradient is the same conv with the kernel flipped (P = (K-1)/2)
     const at::Tensor dz = dz2d.view({R, OH, OW, C}).permute({0, 3, 1, 2});
-    dw_conv(dz, taps_by_channel(weight.flip({2, 3})), dx, at::Tensor(), at::Tensor(), K, 1, R);
+    dw_conv(dz, w, /*flip=*/true, dx, at::Tensor(), at::Tensor(), eps, K, 1, R);
   }
   const int64_t splits = tiled ? column_splits(R * OH, (C + kLanes - 1) / kLanes)
                                : std::max<int64_t>(1, std::min<int64_t>(256, R * OH * OW / 64));
   at::Tensor part = at::empty({K * K, splits, C}, x.options().dtype(acc_dtype(x)));
+  at::Tensor dw = at::empty({C, 1, K, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(),
                                   "dwconv_bn_backward_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     auto stream = at::cuda::getCurrentCUDAStream();
     const scalar_t* xp = x.const_data_ptr<scalar_t>();
     const scalar_t* dzp = dz2d.const_data_ptr<scalar_t>();
-    const scalar_t* wtp = wt.const_data_ptr<scalar_t>();
     if (tiled) {
       with_taps(K, stride, [&](auto k, auto s) {
         constexpr int kK = decltype(k)::value, kS = decltype(s)::value;
         if constexpr (kS == 2) {
           dw_input_grad_s2_kernel<scalar_t, A, kK><<<blocks_for(dx.numel()), kThreads, 0,
                                                      stream>>>(
-              dzp, wtp, dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW);
+              dzp, w.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         }
         dw_weight_grad_tiled_kernel<scalar_t, A, kK, kS>
@@ -691,16 +716,18 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cuda(
       });
     } else {
       dw_input_grad_kernel<scalar_t, A><<<blocks_for(dx.numel()), kThreads, 0, stream>>>(
-          dzp, wtp, dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW, static_cast<int>(K),
-          static_cast<int>(stride));
+          dzp, wt.const_data_ptr<scalar_t>(), dx.data_ptr<scalar_t>(), R, H, W, C, OH, OW,
+          static_cast<int>(K), static_cast<int>(stride));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       dw_weight_grad_kernel<scalar_t, A><<<blocks_for(part.numel()), kThreads, 0, stream>>>(
           xp, dzp, part.data_ptr<A>(), R, H, W, C, OH, OW, static_cast<int>(K),
           static_cast<int>(stride), splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
+    dw_weight_finish_kernel<scalar_t, A><<<blocks_for(C * K * K), kThreads, 0, stream>>>(
+        part.const_data_ptr<A>(), dw.data_ptr<scalar_t>(), K * K, splits, C);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  at::Tensor dw = part.sum(1).t().reshape({C, 1, K, K}).to(x.scalar_type()).contiguous();
   return {dx, dw};
 }
 

@@ -10,8 +10,9 @@ Backends (``backend=`` argument, else the ``FASTSHIFT_BACKEND`` environment vari
   under the interpreter, ``TRITON_INTERPRET=1``, which is for tests). The op schemas still come
   from ``fastshift._C``.
 - ``auto``: the fastest measured backend for the tensor's device: ``cpu`` on CPU when the
-  extension was built, else ``reference``; on CUDA ``reference`` (cuDNN), which the ``cuda``
-  and ``triton`` bodies do not beat yet (measured on an H200: README, "GPU").
+  extension was built, else ``reference``; on CUDA ``cuda`` when its bodies were compiled for
+  that GPU (``cuda_auto_backend``; measured faster than cuDNN end to end on an H200: README,
+  "GPU"), else ``reference`` (cuDNN). ``triton`` is never picked by ``auto``.
 
 An explicitly requested backend that was not built raises with the rebuild command.
 """
@@ -24,13 +25,14 @@ import torch
 
 from . import reference
 from . import triton as _triton
-from ._registry import BUILD_ERROR, HAVE_C, conv_out_size, cuda_built
+from ._registry import BUILD_ERROR, CUDA_ARCHS, HAVE_C, conv_out_size, cuda_built
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
            "reference",
-           "HAVE_C", "BUILD_ERROR", "cuda_built", "triton_usable", "tune_cpu_allocator"]
+           "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cuda_auto_backend",
+           "triton_usable", "tune_cpu_allocator"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
 REBUILD = "pip install --no-build-isolation -e .  (or: bash scripts/install.sh)"
@@ -58,18 +60,48 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return out
 
 
+def cuda_auto_backend(capability: tuple[int, int] | None, archs=CUDA_ARCHS) -> str:
+    """``auto``'s backend on a GPU of this compute capability (None: unknown): ``cuda`` where
+    the CUDA bodies carry code for it (``archs``: major * 10 + minor, or 1000 + that for PTX,
+    which GPUs of that capability and newer compile at load time), else ``reference``."""
+    if capability is None:
+        return "reference"
+    code = capability[0] * 10 + capability[1]
+    if code in archs or any(1000 < a <= 1000 + code for a in archs):
+        return "cuda"
+    return "reference"
+
+
+_AUTO_CUDA: dict = {}
+
+
+@torch.compiler.assume_constant_result
+def _auto_on_cuda(index) -> str:
+    """cuda_auto_backend for CUDA device ``index`` (None: the current one), asked once per
+    device (a constant for torch.compile)."""
+    if index not in _AUTO_CUDA:
+        try:
+            capability = torch.cuda.get_device_capability(index)
+        except (RuntimeError, AssertionError, ValueError):  # no usable CUDA device here
+            capability = None
+        _AUTO_CUDA[index] = cuda_auto_backend(capability)
+    return _AUTO_CUDA[index]
+
+
 def resolve_backend(backend: str | None, device: torch.device) -> str:
     """The concrete backend (reference | cpu | cuda) to run on ``device``."""
     name = (backend or os.environ.get("FASTSHIFT_BACKEND") or "auto").strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown fastshift backend {name!r}: choose one of {list(BACKENDS)}")
-    kind = torch.device(device).type
+    device = torch.device(device)
+    kind = device.type
     if name == "auto":
-        # The fastest measured backend per device: the C++ bodies on CPU; on CUDA, PyTorch's
-        # own (cuDNN) path, which the CUDA and Triton bodies do not beat yet (H200, README
-        # "GPU"); they stay selectable by name.
+        # The fastest measured backend per device: the C++ bodies on CPU, the CUDA bodies on
+        # a GPU they were compiled for (H200, README "GPU"); PyTorch's own path otherwise.
         if HAVE_C and kind == "cpu":
             return kind
+        if kind == "cuda" and cuda_built():
+            return _auto_on_cuda(device.index)
         return "reference"
     if name == "reference":
         return name
@@ -134,13 +166,14 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
 
 def _stats_args(x, channels, groups, running_mean, running_var, training, op):
     """The ``[G, C]`` statistics handed to a compiled op: the running ones in eval (required),
-    placeholders in training (where the op computes batch statistics)."""
+    placeholders in training (where the op computes batch statistics and never reads them:
+    uninitialised, so no fill kernel runs)."""
     if running_mean is not None:
         return running_mean.view(groups, channels), running_var.view(groups, channels)
     if not training:
         raise ValueError(f"{op}: eval mode needs running_mean and running_var")
-    ones = x.new_ones((groups, channels))
-    return ones, ones
+    placeholder = x.new_empty((groups, channels))
+    return placeholder, placeholder
 
 
 def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum):
@@ -149,6 +182,32 @@ def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, trainin
     if training and running_mean is not None and y.shape[0]:
         count = (y.shape[0] // groups) * y.shape[2] * y.shape[3]
         reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+
+
+def _update_chain_running(outs, means, variances, running_means, running_vars, momentums,
+                          groups, training):
+    """:func:`_update_running` for every layer of a chain (``outs``: each layer's output,
+    ``means`` / ``variances``: its ``[G, C_i]`` batch statistics). Where every updated layer has
+    the same momentum, the updates run as three multi-tensor (``torch._foreach_*``) calls
+    instead of three calls per layer: the same arithmetic as
+    :func:`reference.update_running_stats` (``lerp_`` toward the unbiased batch variance)."""
+    if not training:
+        return
+    todo = [(out, mean, var, rm.view(groups, -1), rv.view(groups, -1), mom)
+            for out, mean, var, rm, rv, mom in zip(outs, means, variances, running_means,
+                                                   running_vars, momentums)
+            if rm is not None and out.shape[0]]
+    if len(todo) > 1 and len({t[5] for t in todo}) == 1:
+        factors = []
+        for out, *_ in todo:
+            count = (out.shape[0] // groups) * out.shape[2] * out.shape[3]
+            factors.append(count / max(count - 1, 1))
+        unbiased = torch._foreach_mul([t[2] for t in todo], factors)
+        torch._foreach_lerp_([t[3] for t in todo], [t[1] for t in todo], todo[0][5])
+        torch._foreach_lerp_([t[4] for t in todo], unbiased, todo[0][5])
+        return
+    for out, mean, var, rm, rv, mom in todo:
+        _update_running(out, mean, var, rm, rv, rm, groups, training, mom)
 
 
 def _live_taps(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -248,8 +307,8 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
     sizes = [weight.shape[0] for weight in weights]
     # the layers' [G, C_i] statistics side by side: the running ones in eval, a placeholder in
     # training (where the op computes batch statistics)
-    if training:
-        mean_in = var_in = x.new_ones((groups, sum(sizes)))
+    if training:  # placeholders the op never reads
+        mean_in = var_in = x.new_empty((groups, sum(sizes)))
     else:
         if any(s is None for s in (*running_means, *running_vars)):
             raise ValueError("conv_bn_chain: eval mode needs every layer's running_mean and "
@@ -260,10 +319,6 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
           else torch.ops.fastshift.conv_bn_chain.default)
     y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)
     outs = [*saved[:len(layers) - 1], y]  # each layer's output, for its statistics' count
-    for out, mean, var, running_mean, running_var, momentum in zip(
-            outs, batch_mean.split(sizes, 1), batch_var.split(sizes, 1), running_means,
-            running_vars, momentums):
-        views = ((None, None) if running_mean is None
-                 else (running_mean.view(groups, -1), running_var.view(groups, -1)))
-        _update_running(out, mean, var, *views, running_mean, groups, training, momentum)
+    _update_chain_running(outs, batch_mean.split(sizes, 1), batch_var.split(sizes, 1),
+                          running_means, running_vars, momentums, groups, training)
     return y

@@ -31,6 +31,11 @@ def cuda_built() -> bool:
     return _CUDA_BUILT
 
 
+# The compute capabilities the CUDA bodies were compiled for (major * 10 + minor; 1000 + that
+# for PTX), from the build's TORCH_CUDA_ARCH_LIST; () without CUDA bodies.
+CUDA_ARCHS = tuple(int(a) for a in torch.ops.fastshift.cuda_archs()) if _CUDA_BUILT else ()
+
+
 if HAVE_C:
 
     @torch.library.register_fake("fastshift::channel_split")
