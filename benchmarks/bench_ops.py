@@ -214,14 +214,16 @@ def time_entry(entry, backend, device, batch, repeats):
     return out
 
 
-def median_seconds(f, device, repeats):
-    """Median wall time of ``f()`` over ``repeats`` calls, synchronized before and after each."""
+def median_seconds(f, device, repeats, sync_after=True):
+    """Median wall time of ``f()`` over ``repeats`` calls, synchronized before and after each
+    (``sync_after=False``: not after, so on a GPU it is the host time of issuing the work)."""
     times = []
     for _ in range(repeats):
         _sync(device)
         t = time.perf_counter()
         f()
-        _sync(device)
+        if sync_after:
+            _sync(device)
         times.append(time.perf_counter() - t)
     return statistics.median(times)
 

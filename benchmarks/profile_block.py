@@ -28,7 +28,6 @@ import json
 import os
 import pstats
 import sys
-import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -64,18 +63,6 @@ def _python_top(step, device, repeats, top):
     rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
     return [{"name": f"{os.path.basename(f)}:{line}({name})"[:90], "ms": v[2] * 1e3 / repeats,
              "calls": v[1] / repeats} for (f, line, name), v in rows]
-
-
-def _host_ms(step, device, repeats):
-    """Median host time of one step (no synchronisation inside the timed span)."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-    times.sort()
-    return times[len(times) // 2] * 1e3
 
 
 def profile_entry(entry, backend, device, batch, repeats, top, host_top=0):
@@ -118,7 +105,7 @@ def profile_entry(entry, backend, device, batch, repeats, top, host_top=0):
                        for ev in prof.key_averages()
                        if ev.device_type == torch.autograd.DeviceType.CPU
                        and ev.self_cpu_time_total > 0), key=lambda r: -r[1])
-        result["host_ms"] = _host_ms(step, device, repeats)
+        result["host_ms"] = median_seconds(step, device, repeats, sync_after=False) * 1e3
         result["host_top"] = [{"name": n[:90], "ms": ms, "calls": c}
                               for n, ms, c in host[:host_top]]
         result["python_top"] = _python_top(step, device, repeats, host_top)
