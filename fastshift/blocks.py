@@ -42,9 +42,15 @@ def run_sequential(seq: nn.Sequential, x: torch.Tensor, batch_norm, conv=None) -
     return x
 
 
-def uses_fused(backend: str | None, x: torch.Tensor) -> bool:
-    """Whether ``backend`` (None: FASTSHIFT_BACKEND or auto) runs the fused ops on x's device."""
-    return ops.resolve_backend(backend, x.device) != "reference"
+def uses_fused(backend: str | None, x: torch.Tensor, network: bool = False) -> bool:
+    """Whether ``backend`` (None: FASTSHIFT_BACKEND or auto) runs the fused ops on x's device
+    for this workload: x ``[N, C, H, W]`` is a block's input, or with ``network`` the images
+    of a whole network (``auto`` on CUDA weighs its size: ``ops.resolve_backend``)."""
+    rows = x.shape[0] * x.shape[-2] * x.shape[-1] if x.dim() == 4 else None
+    if network:
+        return ops.resolve_backend(backend, x.device, rows,
+                                   ops.AUTO_CUDA_MIN_NETWORK_ROWS) != "reference"
+    return ops.resolve_backend(backend, x.device, rows) != "reference"
 
 
 def module_stats(bn: nn.BatchNorm2d):

@@ -303,7 +303,7 @@ def _run_depth_first(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats
 
 def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
     training = net.training
-    fused = uses_fused(net.backend, x)
+    fused = uses_fused(net.backend, x, network=True)
     if not torch.is_grad_enabled():
         return _run_depth_first(net, x, plan, stats, fused)
     batch = x.shape[0]

@@ -62,10 +62,13 @@ def _rows_last(x: torch.Tensor) -> torch.Tensor:
 class _Classify(nn.Module):
     """Shared tail of Supernet and Subnet: conv_last, global pool, dropout, classifier."""
 
-    def _classify(self, x: torch.Tensor, batch_norm=None, rows=None) -> torch.Tensor:
+    def _classify(self, x: torch.Tensor, batch_norm=None, rows=None, fused=None) -> torch.Tensor:
+        """``fused``: the network's choice of path (None: decide for conv_last's input)."""
+        if fused is None:
+            fused = batch_norm is None and uses_fused(self.backend, x)
         if batch_norm is not None:
             x = run_sequential(self.conv_last, x, batch_norm)
-        elif uses_fused(self.backend, x):
+        elif fused:
             x = run_fused(self.conv_last, x, module_stats, self.training, self.backend)
         else:
             x = self.conv_last(x)
@@ -155,7 +158,8 @@ class Supernet(_Classify):
         """
         arch = self.space.validate(arch)
         self._check_input(x)
-        if batch_norm is None and uses_fused(self.backend, x):
+        fused = batch_norm is None and uses_fused(self.backend, x, network=True)
+        if fused:
             units = [choices[gene] for choices, gene in zip(self.features, arch)]
             x = run_units_fused(units, self.first_conv(_rows_last(x)), module_stats,
                                 self.training)
@@ -167,7 +171,7 @@ class Supernet(_Classify):
             x = run_sequential(self.first_conv, x, batch_norm)
             for choices, gene in zip(self.features, arch):
                 x = choices[gene].forward_grouped(x, batch_norm)
-        return self._classify(x, batch_norm, rows)
+        return self._classify(x, batch_norm, rows, fused)
 
     def forward_many(self, x: torch.Tensor, archs, *, stats: PathStats | None = None,
                      max_rows: int | None = None, plans: list | None = None) -> torch.Tensor:
@@ -214,7 +218,7 @@ class Subnet(_Classify):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
-        if uses_fused(self.backend, x):
+        if uses_fused(self.backend, x, network=True):
             return self._classify(run_units_fused(self.features, self.first_conv(_rows_last(x)),
-                                                  module_stats, self.training))
-        return self._classify(self.features(self.first_conv(x)))
+                                                  module_stats, self.training), fused=True)
+        return self._classify(self.features(self.first_conv(x)), fused=False)

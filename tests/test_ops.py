@@ -262,6 +262,27 @@ def test_cuda_auto_backend_rule():
     assert ops.cuda_auto_backend(None, (90,)) == "reference"  # capability unknown
 
 
+def test_auto_on_cuda_weighs_the_workload(monkeypatch):
+    """auto on CUDA: the CUDA bodies only for workloads as large as those measured faster than
+    cuDNN (block / op input rows, or a whole network's image rows); CPU and explicit backends
+    ignore the size. A GPU the bodies were built for is stood in for by auto's per-device
+    cache (no GPU here)."""
+    monkeypatch.setitem(ops._AUTO_CUDA, None, "cuda")
+    cuda = torch.device("cuda")
+    big = "cuda" if ops.cuda_built() else "reference"
+    assert ops.resolve_backend("auto", cuda) == big
+    assert ops.resolve_backend("auto", cuda, rows=ops.AUTO_CUDA_MIN_ROWS) == big
+    assert ops.resolve_backend("auto", cuda, rows=ops.AUTO_CUDA_MIN_ROWS - 1) == "reference"
+    # a whole network: 150 images of 224x224 (measured 1.19x) yes, 64 images of 32x32 no
+    net = ops.AUTO_CUDA_MIN_NETWORK_ROWS
+    assert ops.resolve_backend("auto", cuda, 150 * 224 * 224, net) == big
+    assert ops.resolve_backend("auto", cuda, 64 * 32 * 32, net) == "reference"
+    if ops.cuda_built():
+        assert ops.resolve_backend("cuda", cuda, rows=1) == "cuda"
+    assert ops.resolve_backend("auto", torch.device("cpu"), rows=1) == (
+        "cpu" if ops.HAVE_C else "reference")
+
+
 def test_auto_on_cuda_traces_under_compile():
     """resolve_backend's auto on a CUDA device is a constant for torch.compile (fullgraph)."""
     torch._dynamo.reset()

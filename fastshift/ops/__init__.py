@@ -11,8 +11,9 @@ Backends (``backend=`` argument, else the ``FASTSHIFT_BACKEND`` environment vari
   from ``fastshift._C``.
 - ``auto``: the fastest measured backend for the tensor's device: ``cpu`` on CPU when the
   extension was built, else ``reference``; on CUDA ``cuda`` when its bodies were compiled for
-  that GPU (``cuda_auto_backend``; measured faster than cuDNN end to end on an H200: README,
-  "GPU"), else ``reference`` (cuDNN). ``triton`` is never picked by ``auto``.
+  that GPU (``cuda_auto_backend``) and the workload is as large as those measured faster than
+  cuDNN on an H200 (``AUTO_CUDA_MIN_ROWS``, ``AUTO_CUDA_MIN_NETWORK_ROWS``; README, "GPU"),
+  else ``reference`` (cuDNN). ``triton`` is never picked by ``auto``.
 
 An explicitly requested backend that was not built raises with the rebuild command.
 """
@@ -32,6 +33,7 @@ __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
            "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cuda_auto_backend",
+           "AUTO_CUDA_MIN_ROWS", "AUTO_CUDA_MIN_NETWORK_ROWS",
            "triton_usable", "tune_cpu_allocator"]
 
 BACKENDS = ("reference", "cpu", "cuda", "triton", "auto")
@@ -88,8 +90,23 @@ def _auto_on_cuda(index) -> str:
     return _AUTO_CUDA[index]
 
 
-def resolve_backend(backend: str | None, device: torch.device) -> str:
-    """The concrete backend (reference | cpu | cuda) to run on ``device``."""
+# ``auto`` on CUDA runs the CUDA bodies only on workloads at least as large as those measured
+# faster than cuDNN on an H200 (README, "GPU: one H200, second session"), since smaller ones
+# are bound by host work and measured slower: a block (or op) whose input has at least
+# AUTO_CUDA_MIN_ROWS pixel rows (N*H*W; the 28x28 blocks at batch 150, 117,600 rows, measured
+# 1.07-1.42x, the 14x14 ones 0.84-0.94x), and a whole network on at least
+# AUTO_CUDA_MIN_NETWORK_ROWS image pixel rows (150 images of 224x224: 1.19x end to end).
+AUTO_CUDA_MIN_ROWS = 100_000
+AUTO_CUDA_MIN_NETWORK_ROWS = 150 * 224 * 224
+
+
+def resolve_backend(backend: str | None, device: torch.device, rows: int | None = None,
+                    min_rows: int = AUTO_CUDA_MIN_ROWS) -> str:
+    """The concrete backend (reference | cpu | cuda) to run on ``device``.
+
+    ``rows``: the workload's pixel rows (N*H*W of its input), if the caller knows them;
+    ``auto`` on CUDA then picks the reference below ``min_rows`` (see AUTO_CUDA_MIN_ROWS).
+    Explicit backends and ``auto`` on CPU ignore them."""
     name = (backend or os.environ.get("FASTSHIFT_BACKEND") or "auto").strip().lower()
     if name not in BACKENDS:
         raise ValueError(f"unknown fastshift backend {name!r}: choose one of {list(BACKENDS)}")
@@ -101,6 +118,8 @@ def resolve_backend(backend: str | None, device: torch.device) -> str:
         if HAVE_C and kind == "cpu":
             return kind
         if kind == "cuda" and cuda_built():
+            if rows is not None and rows < min_rows:
+                return "reference"
             return _auto_on_cuda(device.index)
         return "reference"
     if name == "reference":
