@@ -27,7 +27,8 @@
 # FASTSHIFT_KEEP_CXX (set: keep the environment's CC / CXX instead of /usr/bin's),
 # DEVICE (default cuda), OPS_SCALE / SEARCH_SCALE (default gpu), SEARCH_CANDIDATES (4),
 # SEARCH_KS ("4"), SKIP (space-separated step names to leave out), MAX_JOBS (default nproc),
-# PROFILE_ARGS (more profile_block.py arguments, e.g. "--blocks shuffle3:17 --host-top 15").
+# PROFILE_ARGS (more profile_block.py arguments; default "--host-top 10": where the host time
+# goes, since the small blocks are host-bound; e.g. "--blocks shuffle3:17 --host-top 15").
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/fastshift-gpu-check}
@@ -48,7 +49,7 @@ SEARCH_SCALE=${SEARCH_SCALE:-gpu}
 SEARCH_CANDIDATES=${SEARCH_CANDIDATES:-4}
 SEARCH_KS=${SEARCH_KS:-4}
 SKIP=" ${SKIP:-} "
-PROFILE_ARGS=${PROFILE_ARGS:-}
+PROFILE_ARGS=${PROFILE_ARGS:---host-top 10}
 export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export TRITON_INTERPRET=${TRITON_INTERPRET:-0}  # compiled Triton, not the CPU interpreter
