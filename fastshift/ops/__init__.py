@@ -195,12 +195,17 @@ def _stats_args(x, channels, groups, running_mean, running_var, training, op):
     return placeholder, placeholder
 
 
+def _stat_count(y, groups):
+    """How many values each ``[G, C]`` batch statistic of ``y [G*N, C, H, W]`` averages."""
+    return (y.shape[0] // groups) * y.shape[2] * y.shape[3]
+
+
 def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum):
     """After a compiled op in training: fold its batch statistics into the running ones (the
     ``[G, C]`` views ``mean_in`` / ``var_in``), unless none were given or the batch is empty."""
     if training and running_mean is not None and y.shape[0]:
-        count = (y.shape[0] // groups) * y.shape[2] * y.shape[3]
-        reference.update_running_stats(mean_in, var_in, mean, var, count, momentum)
+        reference.update_running_stats(mean_in, var_in, mean, var, _stat_count(y, groups),
+                                       momentum)
 
 
 def _update_chain_running(outs, means, variances, running_means, running_vars, momentums,
@@ -212,21 +217,18 @@ def _update_chain_running(outs, means, variances, running_means, running_vars, m
     :func:`reference.update_running_stats` (``lerp_`` toward the unbiased batch variance)."""
     if not training:
         return
-    todo = [(out, mean, var, rm.view(groups, -1), rv.view(groups, -1), mom)
+    todo = [(_stat_count(out, groups), mean, var, rm.view(groups, -1), rv.view(groups, -1), mom)
             for out, mean, var, rm, rv, mom in zip(outs, means, variances, running_means,
                                                    running_vars, momentums)
             if rm is not None and out.shape[0]]
     if len(todo) > 1 and len({t[5] for t in todo}) == 1:
-        factors = []
-        for out, *_ in todo:
-            count = (out.shape[0] // groups) * out.shape[2] * out.shape[3]
-            factors.append(count / max(count - 1, 1))
+        factors = [reference.unbiased_factor(count) for count, *_ in todo]
         unbiased = torch._foreach_mul([t[2] for t in todo], factors)
         torch._foreach_lerp_([t[3] for t in todo], [t[1] for t in todo], todo[0][5])
         torch._foreach_lerp_([t[4] for t in todo], unbiased, todo[0][5])
         return
-    for out, mean, var, rm, rv, mom in todo:
-        _update_running(out, mean, var, rm, rv, rm, groups, training, mom)
+    for count, mean, var, rm, rv, mom in todo:
+        reference.update_running_stats(rm, rv, mean, var, count, mom)
 
 
 def _live_taps(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -325,8 +327,8 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
         live.append(weight)
     sizes = [weight.shape[0] for weight in weights]
     # the layers' [G, C_i] statistics side by side: the running ones in eval, a placeholder in
-    # training (where the op computes batch statistics)
-    if training:  # placeholders the op never reads
+    # training (where the op computes batch statistics and never reads it)
+    if training:
         mean_in = var_in = x.new_empty((groups, sum(sizes)))
     else:
         if any(s is None for s in (*running_means, *running_vars)):

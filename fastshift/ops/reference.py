@@ -53,6 +53,11 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.cat(channel_split(torch.cat((a, b), 1)), 1)
 
 
+def unbiased_factor(count: int) -> float:
+    """The factor that makes a biased variance over ``count`` values unbiased (1 for one)."""
+    return count / max(count - 1, 1)
+
+
 def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
                          mean: torch.Tensor, var: torch.Tensor, count: int,
                          momentum: float) -> None:
@@ -63,7 +68,7 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor,
     if mean.shape != running_mean.shape:
         mean, var = mean.view_as(running_mean), var.view_as(running_var)
     running_mean.lerp_(mean, momentum)
-    running_var.lerp_(var * (count / max(count - 1, 1)), momentum)
+    running_var.lerp_(var * unbiased_factor(count), momentum)
 
 
 def _is_channels_last(x: torch.Tensor) -> bool:
