@@ -18,7 +18,7 @@
 #   profile    benchmarks/profile_block.py: wall against kernel time and launches per block
 #   tests_triton  the Triton kernels compiled for the GPU (TRITON_INTERPRET=0): pytest -k triton
 #   search     benchmarks/bench_search.py --scale gpu on a few candidates: the CUDA bodies
-#              (sequential, batched) and the batched engine on PyTorch's ops (what auto runs)
+#              (sequential, batched) and the batched engine on PyTorch's ops (cuDNN)
 #   ops_all    benchmarks/bench_ops.py, every op and block, cuda and triton backends
 # A summary table (with the failed tests) is printed last; summary.txt, every JSON and
 # gpu_check_logs.tar.gz (every log and JUnit file) are in $OUT.
