@@ -22,6 +22,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 #include <vector>
 
@@ -54,6 +55,22 @@ template <typename F>
 void for_chunks(const RowChunks& ch, const F& f) {
   at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
     for (int64_t i = b; i < e; ++i) f(i);
+  });
+}
+
+// Uninitialised scratch of n elements (every kernel writes its scratch before reading it).
+template <typename T>
+std::unique_ptr<T[]> scratch(int64_t n) {
+  return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
+}
+
+// for_chunks with `n` elements of scratch per task, f(i, scratch): one allocation per range of
+// chunks a thread takes, not one per chunk.
+template <typename T, typename F>
+void for_chunks_scratch(const RowChunks& ch, int64_t n, const F& f) {
+  at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
+    const std::unique_ptr<T[]> buf = scratch<T>(n);
+    for (int64_t i = b; i < e; ++i) f(i, buf.get());
   });
 }
 
@@ -286,7 +303,7 @@ inline int64_t input_grad_scratch(const DwShape& s) {
 }
 
 // wsub: for tap parities (tau_h, tau_w), sub-kernel [M_h, M_w, C] at wsub + offset(tau_h,
-// tau_w), built from w [C, K, K] by s2_subkernels (below).
+// tau_w), built from w [C, K, K] by input_grad_taps (below).
 template <typename T>
 inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s, T* pad) {
   const Border bh = s2_border(s.H, s.OH, s.K), bw = s2_border(s.W, s.OW, s.K);
@@ -527,21 +544,52 @@ void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int6
     }
 }
 
-// The stride-2 input gradient's sub-kernels (dw_input_grad_s2): for tap parities (tau_h, tau_w)
-// in the order (0,0), (0,1), (1,0), (1,1), the taps tau, tau + 2, ... of w [C, 1, K, K],
-// reversed, as [M_h * M_w, C] rows, stacked.
-at::Tensor s2_subkernels(const at::Tensor& weight) {
-  const int64_t C = weight.size(0), K = weight.size(2);
-  std::vector<at::Tensor> parts;
+// Depthwise weight layouts the kernels read, from w [C, K*K] (weight [C, 1, K, K] made dense),
+// written as [taps, C] rows into `out`:
+//   forward:          row t = kh * K + kw holds w[:, t];
+//   input gradient:   stride 2: for tap parities (tau_h, tau_w) in the order (0,0), (0,1),
+//                     (1,0), (1,1), the taps tau, tau + 2, ... reversed, as [M_h * M_w, C]
+//                     rows, stacked (dw_input_grad_s2); any other stride: the taps reversed,
+//                     row t holds w[:, K*K - 1 - t].
+template <typename T>
+void forward_taps(const T* w, int64_t C, int64_t K, T* out) {
+  for (int64_t t = 0; t < K * K; ++t)
+    for (int64_t c = 0; c < C; ++c) out[t * C + c] = w[c * K * K + t];
+}
+
+template <typename T>
+void input_grad_taps(const T* w, int64_t C, int64_t K, int64_t stride, T* out) {
+  if (stride != 2) {
+    for (int64_t t = 0; t < K * K; ++t)
+      for (int64_t c = 0; c < C; ++c) out[t * C + c] = w[c * K * K + K * K - 1 - t];
+    return;
+  }
+  int64_t row = 0;
   for (int64_t th = 0; th < 2; ++th)
     for (int64_t tw = 0; tw < 2; ++tw) {
       const int64_t mh = parity_taps(K, th), mw = parity_taps(K, tw);
-      if (mh == 0 || mw == 0) continue;
-      parts.push_back(weight.slice(2, th, K, 2).slice(3, tw, K, 2).flip({2, 3})
-                          .reshape({C, mh * mw}).t());
+      for (int64_t a = 0; a < mh; ++a)
+        for (int64_t b = 0; b < mw; ++b, ++row) {
+          const int64_t t = (th + 2 * (mh - 1 - a)) * K + tw + 2 * (mw - 1 - b);
+          for (int64_t c = 0; c < C; ++c) out[row * C + c] = w[c * K * K + t];
+        }
     }
-  return at::cat(parts, 0).contiguous();
 }
+
+// Rows of input_grad_taps: K*K, or the four parity sub-kernels' (also at most K*K).
+inline int64_t input_grad_tap_rows(int64_t K, int64_t stride) {
+  if (stride != 2) return K * K;
+  int64_t n = 0;
+  for (int64_t th = 0; th < 2; ++th)
+    for (int64_t tw = 0; tw < 2; ++tw) n += parity_taps(K, th) * parity_taps(K, tw);
+  return n;
+}
+
+// The depthwise weight gradient is summed per weight slice (a fixed run of consecutive row
+// chunks, at most kWeightSlices per call, independent of the thread count), then the slices
+// are added in order: deterministic, with kWeightSlices * K*K*C partial sums instead of one
+// set per chunk.
+constexpr int64_t kWeightSlices = 8;
 
 // ---------------------------------------------------------------------------------------------
 // dwconv_bn
@@ -563,29 +611,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cpu(
   const RowChunks ch = make_chunks(R, groups);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor wt = weight.reshape({C, K * K}).t().contiguous();  // [k*k, C]
+    const at::Tensor wc = weight.contiguous();
+    const std::unique_ptr<T[]> wt = scratch<T>(K * K * C);  // [k*k, C]
+    forward_taps(wc.const_data_ptr<T>(), C, K, wt.get());
     const T* xp = x.const_data_ptr<T>();
-    const T* wp = wt.const_data_ptr<T>();
+    const T* wp = wt.get();
     T* yp = y.data_ptr<T>();
     const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C;
     const int64_t pad_img = padded_h(s) * padded_w(s) * C;
     if (!training) {
       const std::vector<T> rstd = rstd_of<T>(var, eps);
       const T* mp = mean.const_data_ptr<T>();
-      for_chunks(ch, [&](int64_t i) {
+      for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
         const int64_t g = ch.group(i);
-        std::vector<T> pad(pad_img);
         for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
           k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, mp + g * C, rstd.data() + g * C,
-                       pad.data());
+                       pad);
       });
       return;
     }
     std::vector<double> sum(ch.count() * C, 0.0), sq(ch.count() * C, 0.0);
-    for_chunks(ch, [&](int64_t i) {
-      std::vector<T> pad(pad_img);
+    for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
       for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
-        k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, nullptr, nullptr, pad.data());
+        k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, nullptr, nullptr, pad);
         k_moments(yp + r * out_img, s.OH * s.OW, C, sum.data() + i * C, sq.data() + i * C);
       }
     });
@@ -616,43 +664,58 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
               "dwconv_bn_backward: grad_y must be [", R, ", ", C, ", ", s.OH, ", ", s.OW,
               "], got ", dy.sizes());
   at::Tensor dx = empty_rows_last(R, C, H, W, x);
-  at::Tensor dw = at::zeros({K * K, C}, x.options());
+  at::Tensor dw = at::empty({C, 1, K, K}, x.options());
   const RowChunks ch = make_chunks(R, groups);
+  const int64_t slices = std::min(ch.count(), kWeightSlices);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_backward_cpu", [&] {
     using T = scalar_t;
-    // stride 2: the four reversed sub-kernels of the polyphase input gradient; otherwise the
-    // taps reversed: [k*k, C] rows in the order (K-1-kh, K-1-kw)
-    const at::Tensor wflip = stride == 2 ? s2_subkernels(weight)
-                                         : weight.flip({2, 3}).reshape({C, K * K}).t().contiguous();
+    const at::Tensor wc = weight.contiguous();
+    const std::unique_ptr<T[]> wflip = scratch<T>(input_grad_tap_rows(K, stride) * C);
+    input_grad_taps(wc.const_data_ptr<T>(), C, K, stride, wflip.get());
     const at::Tensor y = training ? rows_last(y_in) : at::Tensor();
     const T* xp = x.const_data_ptr<T>();
     const T* gp = dy.const_data_ptr<T>();
     const T* yp = training ? y.const_data_ptr<T>() : nullptr;
-    const T* wp = wflip.const_data_ptr<T>();
+    const T* wp = wflip.get();
     T* dxp = dx.data_ptr<T>();
     const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
     const int64_t pad_img = std::max(padded_h(s) * padded_w(s) * C, input_grad_scratch(s));
+    const int64_t taps = K * K * C;
     const std::vector<T> rstd = rstd_of<T>(var, eps);
     std::vector<T> a, b;
     if (training) grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
-    std::vector<T> dw_part(ch.count() * K * K * C, T(0));
-    for_chunks(ch, [&](int64_t i) {
-      const int64_t g = ch.group(i);
-      std::vector<T> dz(out_img), pad(pad_img);
-      for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
-        k_bn_input_grad(false, gp + r * out_img, training ? yp + r * out_img : gp + r * out_img,
-                        pixels, C, rstd.data() + g * C, training ? a.data() + g * C : nullptr,
-                        training ? b.data() + g * C : nullptr, dz.data());
-        k_dw_input_grad(dz.data(), wp, dxp + r * in_img, s, pad.data());
-        k_dw_weight_grad(xp + r * in_img, dz.data(), dw_part.data() + i * K * K * C, s,
-                         pad.data());
+    const std::unique_ptr<T[]> dw_part = scratch<T>(slices * taps);  // [slices, k*k, C]
+    at::parallel_for(0, slices, 1, [&](int64_t b0, int64_t e0) {
+      const std::unique_ptr<T[]> buf = scratch<T>(out_img + pad_img);
+      T* dz = buf.get();
+      T* pad = dz + out_img;
+      for (int64_t j = b0; j < e0; ++j) {
+        T* part = dw_part.get() + j * taps;
+        std::fill(part, part + taps, T(0));
+        for (int64_t i = j * ch.count() / slices; i < (j + 1) * ch.count() / slices; ++i) {
+          const int64_t g = ch.group(i);
+          for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
+            k_bn_input_grad(false, gp + r * out_img, training ? yp + r * out_img : gp + r * out_img,
+                            pixels, C, rstd.data() + g * C, training ? a.data() + g * C : nullptr,
+                            training ? b.data() + g * C : nullptr, dz);
+            k_dw_input_grad(dz, wp, dxp + r * in_img, s, pad);
+            k_dw_weight_grad(xp + r * in_img, dz, part, s, pad);
+          }
+        }
       }
     });
+    // dw [C, 1, K, K] = the slices' sums added in slice order
     T* dwp = dw.data_ptr<T>();
-    for (int64_t i = 0; i < ch.count(); ++i)
-      for (int64_t j = 0; j < K * K * C; ++j) dwp[j] += dw_part[i * K * K * C + j];
+    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c)
+        for (int64_t t = 0; t < K * K; ++t) {
+          T acc = dw_part[t * C + c];
+          for (int64_t j = 1; j < slices; ++j) acc += dw_part[j * taps + t * C + c];
+          dwp[c * K * K + t] = acc;
+        }
+    });
   });
-  return {dx, dw.t().contiguous().view({C, 1, K, K})};
+  return {dx, dw};
 }
 
 // ---------------------------------------------------------------------------------------------
