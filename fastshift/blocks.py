@@ -59,8 +59,9 @@ def module_stats(bn: nn.BatchNorm2d):
     mean, var = bn.running_mean.view(1, -1), bn.running_var.view(1, -1)
 
     def done():
-        if bn.training and bn.num_batches_tracked is not None:
-            bn.num_batches_tracked += 1
+        tracked = bn.num_batches_tracked
+        if bn.training and tracked is not None:
+            tracked.add_(1)  # in place, as `+= 1` (without Module.__setattr__)
 
     return mean, var, 1, done
 
