@@ -1,9 +1,11 @@
-// Host-side argument checks of the fused block ops (dwconv_bn, pwconv_bn_relu), shared by the
-// CPU and CUDA bodies, with the layout helpers both use. Messages name the op, the argument
-// and the expected value.
+// Host-side argument checks of the fused block ops (dwconv_bn, pwconv_bn_relu, conv_bn_chain),
+// shared by the CPU and CUDA bodies, with the layout helpers both use. Messages name the op,
+// the argument and the expected value.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <vector>
 
 namespace fastshift {
 
@@ -64,6 +66,33 @@ inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
   check_groups(op, x, groups);
   check_stats(op, "mean", mean, groups, weight.size(0), x);
   check_stats(op, "var", var, groups, weight.size(0), x);
+}
+
+// conv_bn_chain: layers[i] is 0 = pointwise (1x1 conv + BN + ReLU), 1 or 2 = depthwise conv
+// of that stride + BN. Returns the channel count of every layer's output (its statistics'
+// width).
+inline std::vector<int64_t> check_chain(const char* op, at::IntArrayRef layers,
+                                        at::TensorList weights, const at::Tensor& mean,
+                                        const at::Tensor& var, int64_t groups) {
+  const size_t n = layers.size();
+  TORCH_CHECK(n >= 1, op, ": the chain needs at least one layer");
+  TORCH_CHECK(weights.size() == n, op, ": one weight per layer: ", n, " layers, got ",
+              weights.size(), " weights");
+  std::vector<int64_t> channels(n);
+  int64_t total = 0;
+  for (size_t i = 0; i < n; ++i) {
+    TORCH_CHECK(layers[i] >= 0 && layers[i] <= 2, op, ": layers[", i, "] must be 0 "
+                "(pointwise), 1 or 2 (depthwise stride), got ", layers[i]);
+    TORCH_CHECK(weights[i].dim() == 4, op, ": weights[", i, "] must be 4-D, got ",
+                weights[i].sizes());
+    channels[i] = weights[i].size(0);
+    total += channels[i];
+  }
+  for (const at::Tensor* s : {&mean, &var})
+    TORCH_CHECK(s->dim() == 2 && s->size(0) == groups && s->size(1) == total, op, ": ",
+                s == &mean ? "mean" : "var", " must be [groups, sum of the layers' channels] = [",
+                groups, ", ", total, "], got ", s->sizes());
+  return channels;
 }
 
 inline int64_t conv_out_size(int64_t in, int64_t k, int64_t stride) {

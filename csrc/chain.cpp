@@ -1,14 +1,18 @@
 // conv_bn_chain: a whole branch of a choice block (a chain of dwconv_bn / pwconv_bn_relu
 // layers) as one op, forward and backward.
 //
-// The bodies are device-generic compositions: each layer calls the registered layer op through
-// the dispatcher, which picks the CPU, CUDA or Triton body from the tensors' device and the op
-// family (`suffix`: "" for the compiled bodies, "_triton" for the Triton ones). What the chain
-// saves is per-layer overhead outside the kernels: one autograd node and one Python wrapper
-// call per branch instead of per layer (README, "Performance").
+// The bodies here are device-generic compositions: each layer calls the registered layer op
+// through the dispatcher, which picks the CUDA or Triton body from the tensors' device and the
+// op family (`suffix`: "" for the compiled bodies, "_triton" for the Triton ones). What the
+// chain saves is per-layer overhead outside the kernels: one autograd node and one Python
+// wrapper call per branch instead of per layer (README, "Performance"). They serve CUDA
+// tensors and the Triton family on any device; CPU tensors of the compiled family have their
+// own body (csrc/cpu/block_cpu.cpp, conv_bn_chain_cpu), which also fuses across the layers.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+
+#include "block_checks.h"
 
 #include <string>
 #include <tuple>
@@ -54,31 +58,6 @@ const LayerOps& layer_ops(bool triton) {
   static const LayerOps compiled = find_ops("");
   static const LayerOps tri = find_ops("_triton");
   return triton ? tri : compiled;
-}
-
-// layers[i]: 0 = pointwise (1x1 conv + BN + ReLU), 1 or 2 = depthwise conv of that stride + BN.
-// Returns the channel count of every layer's output (its statistics' width).
-std::vector<int64_t> check_chain(const char* op, at::IntArrayRef layers, at::TensorList weights,
-                                 const at::Tensor& mean, const at::Tensor& var, int64_t groups) {
-  const size_t n = layers.size();
-  TORCH_CHECK(n >= 1, op, ": the chain needs at least one layer");
-  TORCH_CHECK(weights.size() == n, op, ": one weight per layer: ", n, " layers, got ",
-              weights.size(), " weights");
-  std::vector<int64_t> channels(n);
-  int64_t total = 0;
-  for (size_t i = 0; i < n; ++i) {
-    TORCH_CHECK(layers[i] >= 0 && layers[i] <= 2, op, ": layers[", i, "] must be 0 "
-                "(pointwise), 1 or 2 (depthwise stride), got ", layers[i]);
-    TORCH_CHECK(weights[i].dim() == 4, op, ": weights[", i, "] must be 4-D, got ",
-                weights[i].sizes());
-    channels[i] = weights[i].size(0);
-    total += channels[i];
-  }
-  for (const at::Tensor* s : {&mean, &var})
-    TORCH_CHECK(s->dim() == 2 && s->size(0) == groups && s->size(1) == total, op, ": ",
-                s == &mean ? "mean" : "var", " must be [groups, sum of the layers' channels] = [",
-                groups, ", ", total, "], got ", s->sizes());
-  return channels;
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> chain_forward(
@@ -163,18 +142,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> backward_body(
                         training);
 }
 
-// CPU and CUDA alike: the layer ops' own bodies are picked per device by the dispatcher.
-void register_chain(torch::Library& m) {
-  m.impl("conv_bn_chain", &forward_body<false>);
-  m.impl("conv_bn_chain_backward", &backward_body<false>);
+// The Triton family on every device; the compiled family on CUDA (its CPU body is
+// conv_bn_chain_cpu). The layer ops' own bodies are picked per device by the dispatcher.
+void register_triton_chain(torch::Library& m) {
   m.impl("conv_bn_chain_triton", &forward_body<true>);
   m.impl("conv_bn_chain_backward_triton", &backward_body<true>);
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastshift, CPU, m) { register_chain(m); }
+TORCH_LIBRARY_IMPL(fastshift, CPU, m) { register_triton_chain(m); }
 
-TORCH_LIBRARY_IMPL(fastshift, CUDA, m) { register_chain(m); }
+TORCH_LIBRARY_IMPL(fastshift, CUDA, m) {
+  m.impl("conv_bn_chain", &forward_body<false>);
+  m.impl("conv_bn_chain_backward", &backward_body<false>);
+  register_triton_chain(m);
+}
 
 }  // namespace fastshift

@@ -313,7 +313,7 @@ def test_argument_errors_name_the_problem(backend, device):
 # (0 pointwise, 1/2 depthwise stride), channel counts and kernels from _chain_weights
 CHAINS = [((0, 2, 0), 4, 6, 9, 7, 2), ((1, 0, 1, 0, 1, 0), 3, 5, 5, 6, 1), ((2, 0), 6, 8, 4, 4, 3),
           ((0,), 2, 5, 3, 3, 1), ((2, 0, 1), 0, 4, 4, 4, 1), ((0, 2, 0), 1, 3, 3, 2, 1),
-          ((2, 1, 0), 2, 4, 3, 3, 1)]
+          ((2, 1, 0), 2, 4, 3, 3, 1), ((0, 0, 1), 3, 4, 5, 5, 1)]
 
 
 def _chain_weights(layers, c, dtype, device):

@@ -113,6 +113,59 @@ inline void for_channel_blocks(int64_t C, const F& f) {
   for (; c < C; ++c) f(Block<T, 1>{}, c);
 }
 
+template <typename V, typename T>
+inline T lane(const V& v, int l) {
+  if constexpr (std::is_same_v<V, T>) {
+    return v;
+  } else {
+    return v[l];
+  }
+}
+
+// Calls f(V{}, i, c) for every vector V of channels of every pixel of a [pixels, C] array:
+// i is the index of its first element, c its first channel (32-byte vectors, then single values
+// for a channel tail), so elementwise passes vectorize whatever aliasing the compiler assumes.
+template <typename T, typename F>
+inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+      using V = typename decltype(blk)::type;
+      constexpr int NV = decltype(blk)::count;
+      constexpr int L = sizeof(V) / sizeof(T);
+      for (int v = 0; v < NV; ++v) f(V{}, p * C + c0 + v * L, c0 + v * L);
+    });
+}
+
+// A lazily normalised input (conv_bn_chain_cpu): the values a layer reads are
+// h = act((s - shift) * scale) per channel (shift / scale: the [C] values of the rows' group;
+// act = ReLU when relu, NaN kept as torch.relu does), computed while the input is copied into
+// a kernel's scratch, so the normalised tensor is never written. shift == nullptr: h = s.
+template <typename T>
+struct InputMap {
+  const T* shift = nullptr;
+  const T* scale = nullptr;
+  bool relu = false;
+};
+
+// dst[p, c] = h(src[p, c]) for `pixels` pixels of C channels (the map above).
+template <typename T>
+inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const InputMap<T>& m) {
+  if (m.shift == nullptr) {
+    std::copy(src, src + pixels * C, dst);
+    return;
+  }
+  auto run = [&](auto relu) {
+    for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+      using V = decltype(tag);
+      const V h = (load<V>(src + i) - load<V>(m.shift + c)) * load<V>(m.scale + c);
+      if constexpr (decltype(relu)::value) store(dst + i, h < V{} ? V{} : h);
+      else store(dst + i, h);
+    });
+  };
+  if (m.relu) run(std::true_type{});
+  else run(std::false_type{});
+}
+
 struct DwShape {
   int64_t H, W, C, K, S, OH, OW;
   int64_t P() const { return K / 2; }
@@ -125,23 +178,25 @@ inline int64_t padded_w(const DwShape& s) { return s.W + 2 * s.P(); }
 
 // dst [PH, PW, C] := zeros with the image src [rows, cols, C] at offset (top, left): each
 // element written once (the border zeroed, the interior copied), not zero-filled first.
+// With a map, the interior is h(src) (InputMap).
 template <typename T>
 inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_t PH,
-                        int64_t PW, int64_t top, int64_t left, int64_t C) {
+                        int64_t PW, int64_t top, int64_t left, int64_t C,
+                        const InputMap<T>& map = {}) {
   std::fill(dst, dst + top * PW * C, T(0));
   for (int64_t h = 0; h < rows; ++h) {
     T* row = dst + (top + h) * PW * C;
     std::fill(row, row + left * C, T(0));
-    std::copy(src + h * cols * C, src + (h + 1) * cols * C, row + left * C);
+    map_pixels(src + h * cols * C, row + left * C, cols, C, map);
     std::fill(row + (left + cols) * C, row + PW * C, T(0));
   }
   std::fill(dst + (top + rows) * PW * C, dst + PH * PW * C, T(0));
 }
 
-// pad [(H + 2P), (W + 2P), C] := zeros with the image x [H, W, C] at offset (P, P).
+// pad [(H + 2P), (W + 2P), C] := zeros with the image h(x) [H, W, C] at offset (P, P).
 template <typename T>
-inline void pad_image(const T* x, T* pad, const DwShape& s) {
-  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C);
+inline void pad_image(const T* x, T* pad, const DwShape& s, const InputMap<T>& map = {}) {
+  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C, map);
 }
 
 // pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
@@ -245,12 +300,12 @@ inline void dw_weight_taps(const T* pad, const T* dz, T* dw, const DwShape& s, i
   });
 }
 
-// One image: z = depthwise conv of x (padding P, stride S); with shift/scale given, stores
-// (z - shift) * scale. `pad` is scratch of padded_h * padded_w * C.
+// One image: z = depthwise conv of h(x) (padding P, stride S; `map`: InputMap); with
+// shift/scale given, stores (z - shift) * scale. `pad` is scratch of padded_h * padded_w * C.
 template <typename T>
 inline void dw_forward_image(const T* x, const T* wt, T* z, const DwShape& s, const T* shift,
-                             const T* scale, T* pad) {
-  pad_image(x, pad, s);
+                             const T* scale, T* pad, const InputMap<T>& map) {
+  pad_image(x, pad, s, map);
   valid_dwconv(pad, padded_w(s), wt, s.K, s.K, s.S, z, s.OH, s.OW, s.OW * s.C, s.C, s.C, shift,
                scale);
 }
@@ -340,10 +395,11 @@ inline void dw_input_grad_image(const T* dz, const T* w, T* dx, const DwShape& s
                   nullptr);
 }
 
-// One image: dw[t, c] += sum_o x[o*S - P + t, c] * dz[o, c].
+// One image: dw[t, c] += sum_o h(x)[o*S - P + t, c] * dz[o, c] (`map`: InputMap).
 template <typename T>
-inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& s, T* pad) {
-  pad_image(x, pad, s);
+inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& s, T* pad,
+                                 const InputMap<T>& map) {
+  pad_image(x, pad, s, map);
   switch (s.K) {
     case 1: dw_weight_taps<T, 1>(pad, dz, dw, s, 0); break;
     case 3: dw_weight_taps<T, 3>(pad, dz, dw, s, 0); break;
@@ -354,23 +410,16 @@ inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& 
   }
 }
 
-template <typename V, typename T>
-inline T lane(const V& v, int l) {
-  if constexpr (std::is_same_v<V, T>) {
-    return v;
-  } else {
-    return v[l];
-  }
-}
-
 // Per-channel sums over the rows of [pixels, C] arrays, added to s1 and s2 (double):
 //   Mode 0 (moments):              s1 += a,   s2 += a * a
 //   Mode 1 (BN backward):          s1 += a,   s2 += a * b        (a = dy, b = xhat)
 //   Mode 2 (ReLU + BN backward):   s1 += a',  s2 += a' * b,  a' = b > 0 ? a : 0
+// With Mapped (modes 1 and 2), b is read through `map` (xhat = (b - shift) * scale, the stored
+// tensor being the layer's raw output).
 // Spans of 64 rows are summed in registers (type T), then flushed to the double sums.
-template <typename T, int Mode>
+template <typename T, int Mode, bool Mapped = false>
 inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, double* s1,
-                         double* s2) {
+                         double* s2, const InputMap<T>& map = {}) {
   constexpr int64_t kSpan = 64;
   for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
@@ -387,7 +436,9 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
             acc1[v] += av;
             acc2[v] += av * av;
           } else {
-            const V bv = load<V>(b + p * C + c0 + v * L);
+            V bv = load<V>(b + p * C + c0 + v * L);
+            if constexpr (Mapped)
+              bv = (bv - load<V>(map.shift + c0 + v * L)) * load<V>(map.scale + c0 + v * L);
             const V u = Mode == 2 ? (bv > V{} ? av : V{}) : av;
             acc1[v] += u;
             acc2[v] += u * bv;
@@ -403,30 +454,19 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
   });
 }
 
-// Calls f(V{}, i, c) for every vector V of channels of every pixel of a [pixels, C] array:
-// i is the index of its first element, c its first channel (32-byte vectors, then single values
-// for a channel tail), so elementwise passes vectorize whatever aliasing the compiler assumes.
-template <typename T, typename F>
-inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
-  for (int64_t p = 0; p < pixels; ++p)
-    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
-      using V = typename decltype(blk)::type;
-      constexpr int NV = decltype(blk)::count;
-      constexpr int L = sizeof(V) / sizeof(T);
-      for (int v = 0; v < NV; ++v) f(V{}, p * C + c0 + v * L, c0 + v * L);
-    });
-}
-
 // dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
 // with ReLU, `xhat` is the output y (same sign as xhat where it matters).
-template <typename T, bool relu, bool train>
+// With Mapped, `xhat` is the raw output, read through `map` (as in channel_sums).
+template <typename T, bool relu, bool train, bool Mapped>
 inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
-                               const T* rstd, const T* a, const T* b, T* dz) {
+                               const T* rstd, const T* a, const T* b, T* dz,
+                               const InputMap<T>& map) {
   for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
     using V = decltype(tag);
     V g = load<V>(dy + i);
     if constexpr (relu || train) {
-      const V x = load<V>(xhat + i);
+      V x = load<V>(xhat + i);
+      if constexpr (Mapped) x = (x - load<V>(map.shift + c)) * load<V>(map.scale + c);
       if constexpr (relu) g = x > V{} ? g : V{};
       if constexpr (train) g = g - load<V>(a + c) - x * load<V>(b + c);
     }
@@ -436,9 +476,19 @@ inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64
 
 template <typename T, bool relu>
 inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
-                          const T* a, const T* b, T* dz) {
-  if (a != nullptr) bn_input_grad_loop<T, relu, true>(dy, xhat, pixels, C, rstd, a, b, dz);
-  else bn_input_grad_loop<T, relu, false>(dy, xhat, pixels, C, rstd, a, b, dz);
+                          const T* a, const T* b, T* dz, const InputMap<T>& map) {
+  auto run = [&](auto train, auto mapped) {
+    bn_input_grad_loop<T, relu, decltype(train)::value, decltype(mapped)::value>(
+        dy, xhat, pixels, C, rstd, a, b, dz, map);
+  };
+  const bool mapped = map.shift != nullptr;
+  if (a != nullptr) {
+    if (mapped) run(std::true_type{}, std::true_type{});
+    else run(std::true_type{}, std::false_type{});
+  } else {
+    if (mapped) run(std::false_type{}, std::true_type{});
+    else run(std::false_type{}, std::false_type{});
+  }
 }
 
 // In place z := (z - mean) * rstd; with relu also y := max(z, 0) (y may alias z; NaN passes
@@ -454,38 +504,49 @@ inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, cons
 }
 
 // The multiversioned entry points: one per kernel and dtype.
+// (`map`: the InputMap of a lazily normalised input or raw output; default: none.)
 #define FASTSHIFT_KERNELS(T)                                                                    \
   FASTSHIFT_MULTIVERSION void k_dw_forward(const T* x, const T* wt, T* z, const DwShape& s,      \
-                                           const T* shift, const T* scale, T* pad) {            \
-    dw_forward_image<T>(x, wt, z, s, shift, scale, pad);                                        \
+                                           const T* shift, const T* scale, T* pad,              \
+                                           const InputMap<T>& map = {}) {                       \
+    dw_forward_image<T>(x, wt, z, s, shift, scale, pad, map);                                   \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_dw_input_grad(const T* dz, const T* wflip, T* dx,               \
                                               const DwShape& s, T* pad) {                       \
     dw_input_grad_image<T>(dz, wflip, dx, s, pad);                                              \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_dw_weight_grad(const T* x, const T* dz, T* dw,                  \
-                                               const DwShape& s, T* pad) {                      \
-    dw_weight_grad_image<T>(x, dz, dw, s, pad);                                                 \
+                                               const DwShape& s, T* pad,                        \
+                                               const InputMap<T>& map = {}) {                   \
+    dw_weight_grad_image<T>(x, dz, dw, s, pad, map);                                            \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_moments(const T* z, int64_t n, int64_t C, double* sum,          \
                                         double* sq) {                                           \
     channel_sums<T, 0>(z, z, n, C, sum, sq);                                                    \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_grad_moments(bool relu, const T* dy, const T* xh, int64_t n,    \
-                                             int64_t C, double* sg, double* sgx) {              \
-    if (relu) channel_sums<T, 2>(dy, xh, n, C, sg, sgx);                                        \
+                                             int64_t C, double* sg, double* sgx,                \
+                                             const InputMap<T>& map = {}) {                     \
+    const bool mapped = map.shift != nullptr;                                                   \
+    if (relu && mapped) channel_sums<T, 2, true>(dy, xh, n, C, sg, sgx, map);                   \
+    else if (relu) channel_sums<T, 2>(dy, xh, n, C, sg, sgx);                                   \
+    else if (mapped) channel_sums<T, 1, true>(dy, xh, n, C, sg, sgx, map);                      \
     else channel_sums<T, 1>(dy, xh, n, C, sg, sgx);                                             \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_bn_input_grad(bool relu, const T* dy, const T* xh, int64_t n,   \
                                               int64_t C, const T* rstd, const T* a, const T* b, \
-                                              T* dz) {                                          \
-    if (relu) bn_input_grad<T, true>(dy, xh, n, C, rstd, a, b, dz);                             \
-    else bn_input_grad<T, false>(dy, xh, n, C, rstd, a, b, dz);                                 \
+                                              T* dz, const InputMap<T>& map = {}) {             \
+    if (relu) bn_input_grad<T, true>(dy, xh, n, C, rstd, a, b, dz, map);                        \
+    else bn_input_grad<T, false>(dy, xh, n, C, rstd, a, b, dz, map);                            \
   }                                                                                             \
   FASTSHIFT_MULTIVERSION void k_normalize(bool relu, T* z, T* y, int64_t n, int64_t C,          \
                                           const T* mean, const T* rstd) {                       \
     if (relu) normalize<T, true>(z, y, n, C, mean, rstd);                                       \
     else normalize<T, false>(z, y, n, C, mean, rstd);                                           \
+  }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_map(const T* s, T* y, int64_t n, int64_t C,                     \
+                                    const InputMap<T>& map) {                                   \
+    map_pixels<T>(s, y, n, C, map);                                                             \
   }
 
 FASTSHIFT_KERNELS(float)
@@ -511,24 +572,27 @@ void reduce_moments(const RowChunks& ch, int64_t C, const std::vector<double>& s
   }
 }
 
+// 1 / sqrt(var + eps) of n values (computed in double).
 template <typename T>
-std::vector<T> rstd_of(const at::Tensor& var, double eps) {
-  const at::Tensor v = var.contiguous();
-  const T* p = v.data_ptr<T>();
-  std::vector<T> out(v.numel());
-  for (int64_t i = 0; i < v.numel(); ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(p[i]) + eps));
+std::vector<T> rstd_of(const T* var, int64_t n, double eps) {
+  std::vector<T> out(n);
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(var[i]) + eps));
   return out;
 }
 
 // Training-mode gradient statistics: a = sum(dy')/N and b = sum(dy' xhat)/N per [G, C].
+// With `shift` / `scale` ([G, C]), `xhat` is a raw output read through their map.
 template <typename T>
 void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int64_t pixels,
-                int64_t C, double count, std::vector<T>& a, std::vector<T>& b) {
+                int64_t C, double count, std::vector<T>& a, std::vector<T>& b,
+                const T* shift = nullptr, const T* scale = nullptr) {
   std::vector<double> sg(ch.count() * C, 0.0), sgx(ch.count() * C, 0.0);
   for_chunks(ch, [&](int64_t i) {
+    const int64_t g = ch.group(i);
+    const InputMap<T> map{shift ? shift + g * C : nullptr, scale ? scale + g * C : nullptr, false};
     for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
       k_grad_moments(relu, dy + r * pixels * C, xhat + r * pixels * C, pixels, C,
-                     sg.data() + i * C, sgx.data() + i * C);
+                     sg.data() + i * C, sgx.data() + i * C, map);
   });
   a.assign(ch.groups * C, T(0));
   b.assign(ch.groups * C, T(0));
@@ -594,13 +658,115 @@ constexpr int64_t kWeightSlices = 8;
 // ---------------------------------------------------------------------------------------------
 // dwconv_bn
 
+// The [G, C] InputMap of group g (null arrays: no map).
+template <typename T>
+inline InputMap<T> group_map(const T* shift, const T* scale, bool relu, int64_t g, int64_t C) {
+  if (shift == nullptr) return {};
+  return {shift + g * C, scale + g * C, relu};
+}
+
+// Depthwise conv + BN forward over dense channels-last rows: y = (conv(h(x)) - mean) * rstd
+// with h the per-group input map (in_shift / in_scale [G, C], null: none). Training: the batch
+// moments go to mean / var [G, C], then one normalising pass; eval: mean / var are read and
+// the normalisation is fused into the conv's store.
+template <typename T>
+void dw_layer_forward(const RowChunks& ch, const DwShape& s, const T* xp, const T* weight, T* yp,
+                      const T* in_shift, const T* in_scale, bool in_relu, bool training,
+                      double eps, T* mean, T* var) {
+  const int64_t C = s.C, K = s.K;
+  const std::unique_ptr<T[]> wt = scratch<T>(K * K * C);  // [k*k, C]
+  forward_taps(weight, C, K, wt.get());
+  const int64_t in_img = s.H * s.W * C, out_img = s.OH * s.OW * C;
+  const int64_t pad_img = padded_h(s) * padded_w(s) * C;
+  if (!training) {
+    const std::vector<T> rstd = rstd_of<T>(var, ch.groups * C, eps);
+    for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
+      const int64_t g = ch.group(i);
+      const InputMap<T> map = group_map(in_shift, in_scale, in_relu, g, C);
+      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+        k_dw_forward(xp + r * in_img, wt.get(), yp + r * out_img, s, mean + g * C,
+                     rstd.data() + g * C, pad, map);
+    });
+    return;
+  }
+  std::vector<double> sum(ch.count() * C, 0.0), sq(ch.count() * C, 0.0);
+  for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
+    const InputMap<T> map = group_map(in_shift, in_scale, in_relu, ch.group(i), C);
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
+      k_dw_forward(xp + r * in_img, wt.get(), yp + r * out_img, s, nullptr, nullptr, pad, map);
+      k_moments(yp + r * out_img, s.OH * s.OW, C, sum.data() + i * C, sq.data() + i * C);
+    }
+  });
+  reduce_moments<T>(ch, C, sum, sq, double(ch.rows_per_group * s.OH * s.OW), mean, var);
+  const std::vector<T> rstd = rstd_of<T>(var, ch.groups * C, eps);
+  for_chunks(ch, [&](int64_t i) {
+    const int64_t g = ch.group(i);
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_normalize(false, yp + r * out_img, yp + r * out_img, s.OH * s.OW, C, mean + g * C,
+                  rstd.data() + g * C);
+  });
+}
+
+// Depthwise conv + BN backward over dense channels-last rows. gp: dL/dy; yp: xhat (read in
+// training only); rstd [G, C]; xp: the input, read through its map (in_*) as in the forward.
+// Writes dL/dh(x) to dxp and the weight gradient [C, K*K] to dwp.
+template <typename T>
+void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const T* xp,
+                       const T* in_shift, const T* in_scale, bool in_relu, const T* yp,
+                       const T* rstd, const T* weight, bool training, T* dxp, T* dwp) {
+  const int64_t C = s.C, K = s.K, taps = K * K * C;
+  const std::unique_ptr<T[]> wflip = scratch<T>(input_grad_tap_rows(K, s.S) * C);
+  input_grad_taps(weight, C, K, s.S, wflip.get());
+  const int64_t in_img = s.H * s.W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
+  const int64_t pad_img = std::max(padded_h(s) * padded_w(s) * C, input_grad_scratch(s));
+  const int64_t slices = std::min(ch.count(), kWeightSlices);
+  std::vector<T> a, b;
+  if (training)
+    grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
+  const std::unique_ptr<T[]> dw_part = scratch<T>(std::max<int64_t>(slices, 1) * taps);
+  at::parallel_for(0, slices, 1, [&](int64_t b0, int64_t e0) {
+    const std::unique_ptr<T[]> buf = scratch<T>(out_img + pad_img);
+    T* dz = buf.get();
+    T* pad = dz + out_img;
+    for (int64_t j = b0; j < e0; ++j) {
+      T* part = dw_part.get() + j * taps;
+      std::fill(part, part + taps, T(0));
+      for (int64_t i = j * ch.count() / slices; i < (j + 1) * ch.count() / slices; ++i) {
+        const int64_t g = ch.group(i);
+        const InputMap<T> in_map = group_map(in_shift, in_scale, in_relu, g, C);
+        for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
+          k_bn_input_grad(false, gp + r * out_img, training ? yp + r * out_img : gp + r * out_img,
+                          pixels, C, rstd + g * C, training ? a.data() + g * C : nullptr,
+                          training ? b.data() + g * C : nullptr, dz);
+          k_dw_input_grad(dz, wflip.get(), dxp + r * in_img, s, pad);
+          k_dw_weight_grad(xp + r * in_img, dz, part, s, pad, in_map);
+        }
+      }
+    }
+  });
+  // dw [C, K*K] = the slices' sums added in slice order (zero for an empty batch)
+  at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c)
+      for (int64_t t = 0; t < K * K; ++t) {
+        T acc = slices ? dw_part[t * C + c] : T(0);
+        for (int64_t j = 1; j < slices; ++j) acc += dw_part[j * taps + t * C + c];
+        dwp[c * K * K + t] = acc;
+      }
+  });
+}
+
+inline DwShape dw_shape(const at::Tensor& x, const at::Tensor& weight, int64_t stride) {
+  const int64_t H = x.size(2), W = x.size(3), K = weight.size(2);
+  return {H, W, x.size(1), K, stride, conv_out_size(H, K, stride), conv_out_size(W, K, stride)};
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& mean_in,
     const at::Tensor& var_in, int64_t stride, int64_t groups, double eps, bool training) {
   check_dwconv_bn(x_in, weight, mean_in, var_in, stride, groups);
   const at::Tensor x = rows_last(x_in);
-  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
-  const DwShape s{H, W, C, K, stride, conv_out_size(H, K, stride), conv_out_size(W, K, stride)};
+  const DwShape s = dw_shape(x, weight, stride);
+  const int64_t R = x.size(0), C = s.C;
   at::Tensor y = empty_rows_last(R, C, s.OH, s.OW, x);
   at::Tensor mean = at::empty({groups, C}, x.options());
   at::Tensor var = at::empty({groups, C}, x.options());
@@ -612,41 +778,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dwconv_bn_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_cpu", [&] {
     using T = scalar_t;
     const at::Tensor wc = weight.contiguous();
-    const std::unique_ptr<T[]> wt = scratch<T>(K * K * C);  // [k*k, C]
-    forward_taps(wc.const_data_ptr<T>(), C, K, wt.get());
-    const T* xp = x.const_data_ptr<T>();
-    const T* wp = wt.get();
-    T* yp = y.data_ptr<T>();
-    const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C;
-    const int64_t pad_img = padded_h(s) * padded_w(s) * C;
-    if (!training) {
-      const std::vector<T> rstd = rstd_of<T>(var, eps);
-      const T* mp = mean.const_data_ptr<T>();
-      for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
-        const int64_t g = ch.group(i);
-        for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-          k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, mp + g * C, rstd.data() + g * C,
-                       pad);
-      });
-      return;
-    }
-    std::vector<double> sum(ch.count() * C, 0.0), sq(ch.count() * C, 0.0);
-    for_chunks_scratch<T>(ch, pad_img, [&](int64_t i, T* pad) {
-      for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
-        k_dw_forward(xp + r * in_img, wp, yp + r * out_img, s, nullptr, nullptr, pad);
-        k_moments(yp + r * out_img, s.OH * s.OW, C, sum.data() + i * C, sq.data() + i * C);
-      }
-    });
-    reduce_moments<T>(ch, C, sum, sq, double(ch.rows_per_group * s.OH * s.OW),
-                      mean.data_ptr<T>(), var.data_ptr<T>());
-    const std::vector<T> rstd = rstd_of<T>(var, eps);
-    const T* mp = mean.const_data_ptr<T>();
-    for_chunks(ch, [&](int64_t i) {
-      const int64_t g = ch.group(i);
-      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-        k_normalize(false, yp + r * out_img, yp + r * out_img, s.OH * s.OW, C, mp + g * C,
-                    rstd.data() + g * C);
-    });
+    dw_layer_forward<T>(ch, s, x.const_data_ptr<T>(), wc.const_data_ptr<T>(), y.data_ptr<T>(),
+                        nullptr, nullptr, false, training, eps, mean.data_ptr<T>(),
+                        var.data_ptr<T>());
   });
   return {y, mean, var};
 }
@@ -658,62 +792,23 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
   check_dwconv_bn(x_in, weight, var, var, stride, groups);
   const at::Tensor x = rows_last(x_in);
   const at::Tensor dy = rows_last(grad_in);
-  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), K = weight.size(2);
-  const DwShape s{H, W, C, K, stride, conv_out_size(H, K, stride), conv_out_size(W, K, stride)};
+  const DwShape s = dw_shape(x, weight, stride);
+  const int64_t R = x.size(0), C = s.C, K = s.K;
   TORCH_CHECK(dy.sizes() == at::IntArrayRef({R, C, s.OH, s.OW}),
               "dwconv_bn_backward: grad_y must be [", R, ", ", C, ", ", s.OH, ", ", s.OW,
               "], got ", dy.sizes());
-  at::Tensor dx = empty_rows_last(R, C, H, W, x);
+  at::Tensor dx = empty_rows_last(R, C, s.H, s.W, x);
   at::Tensor dw = at::empty({C, 1, K, K}, x.options());
   const RowChunks ch = make_chunks(R, groups);
-  const int64_t slices = std::min(ch.count(), kWeightSlices);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "dwconv_bn_backward_cpu", [&] {
     using T = scalar_t;
     const at::Tensor wc = weight.contiguous();
-    const std::unique_ptr<T[]> wflip = scratch<T>(input_grad_tap_rows(K, stride) * C);
-    input_grad_taps(wc.const_data_ptr<T>(), C, K, stride, wflip.get());
     const at::Tensor y = training ? rows_last(y_in) : at::Tensor();
-    const T* xp = x.const_data_ptr<T>();
-    const T* gp = dy.const_data_ptr<T>();
-    const T* yp = training ? y.const_data_ptr<T>() : nullptr;
-    const T* wp = wflip.get();
-    T* dxp = dx.data_ptr<T>();
-    const int64_t in_img = H * W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
-    const int64_t pad_img = std::max(padded_h(s) * padded_w(s) * C, input_grad_scratch(s));
-    const int64_t taps = K * K * C;
-    const std::vector<T> rstd = rstd_of<T>(var, eps);
-    std::vector<T> a, b;
-    if (training) grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
-    const std::unique_ptr<T[]> dw_part = scratch<T>(slices * taps);  // [slices, k*k, C]
-    at::parallel_for(0, slices, 1, [&](int64_t b0, int64_t e0) {
-      const std::unique_ptr<T[]> buf = scratch<T>(out_img + pad_img);
-      T* dz = buf.get();
-      T* pad = dz + out_img;
-      for (int64_t j = b0; j < e0; ++j) {
-        T* part = dw_part.get() + j * taps;
-        std::fill(part, part + taps, T(0));
-        for (int64_t i = j * ch.count() / slices; i < (j + 1) * ch.count() / slices; ++i) {
-          const int64_t g = ch.group(i);
-          for (int64_t r = ch.begin(i); r < ch.end(i); ++r) {
-            k_bn_input_grad(false, gp + r * out_img, training ? yp + r * out_img : gp + r * out_img,
-                            pixels, C, rstd.data() + g * C, training ? a.data() + g * C : nullptr,
-                            training ? b.data() + g * C : nullptr, dz);
-            k_dw_input_grad(dz, wp, dxp + r * in_img, s, pad);
-            k_dw_weight_grad(xp + r * in_img, dz, part, s, pad);
-          }
-        }
-      }
-    });
-    // dw [C, 1, K, K] = the slices' sums added in slice order
-    T* dwp = dw.data_ptr<T>();
-    at::parallel_for(0, C, 16, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c)
-        for (int64_t t = 0; t < K * K; ++t) {
-          T acc = dw_part[t * C + c];
-          for (int64_t j = 1; j < slices; ++j) acc += dw_part[j * taps + t * C + c];
-          dwp[c * K * K + t] = acc;
-        }
-    });
+    const at::Tensor v = var.contiguous();
+    const std::vector<T> rstd = rstd_of<T>(v.const_data_ptr<T>(), v.numel(), eps);
+    dw_layer_backward<T>(ch, s, dy.const_data_ptr<T>(), x.const_data_ptr<T>(), nullptr, nullptr,
+                         false, training ? y.const_data_ptr<T>() : nullptr, rstd.data(),
+                         wc.const_data_ptr<T>(), training, dx.data_ptr<T>(), dw.data_ptr<T>());
   });
   return {dx, dw};
 }
@@ -721,6 +816,37 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // pwconv_bn_relu: the 1x1 conv is a matmul over the [R*H*W, C] rows (at::mm), the BN and ReLU
 // run as two fused passes over its output.
+
+// The per-group moments of the dense rows z [R, pixels, O] into mean / var [G, O].
+template <typename T>
+void pw_moments(const RowChunks& ch, const T* zp, int64_t pixels, int64_t O, T* mean, T* var) {
+  std::vector<double> sum(ch.count() * O, 0.0), sq(ch.count() * O, 0.0);
+  for_chunks(ch, [&](int64_t i) {
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_moments(zp + r * pixels * O, pixels, O, sum.data() + i * O, sq.data() + i * O);
+  });
+  reduce_moments<T>(ch, O, sum, sq, double(ch.rows_per_group * pixels), mean, var);
+}
+
+// The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp) and
+// xhat (xp; or the raw output through the map y_shift, rstd when y_shift is given).
+template <typename T>
+void pw_dz(const RowChunks& ch, bool relu, const T* gp, const T* xp, const T* y_shift,
+           const T* rstd, int64_t pixels, int64_t O, bool training, T* dzp) {
+  const int64_t img = pixels * O;
+  std::vector<T> a, b;
+  if (training)
+    grad_stats<T>(ch, relu, gp, xp, pixels, O, double(ch.rows_per_group * pixels), a, b,
+                  y_shift, y_shift ? rstd : nullptr);
+  for_chunks(ch, [&](int64_t i) {
+    const int64_t g = ch.group(i);
+    const InputMap<T> map = group_map(y_shift, rstd, false, g, O);
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_bn_input_grad(relu, gp + r * img, xp + r * img, pixels, O, rstd + g * O,
+                      training ? a.data() + g * O : nullptr, training ? b.data() + g * O : nullptr,
+                      dzp + r * img, map);
+  });
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& mean_in,
@@ -744,16 +870,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
     T* zp = z.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const int64_t img = pixels * O;
-    if (training) {
-      std::vector<double> sum(ch.count() * O, 0.0), sq(ch.count() * O, 0.0);
-      for_chunks(ch, [&](int64_t i) {
-        for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-          k_moments(zp + r * img, pixels, O, sum.data() + i * O, sq.data() + i * O);
-      });
-      reduce_moments<T>(ch, O, sum, sq, double(ch.rows_per_group * pixels), mean.data_ptr<T>(),
-                        var.data_ptr<T>());
-    }
-    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    if (training) pw_moments<T>(ch, zp, pixels, O, mean.data_ptr<T>(), var.data_ptr<T>());
+    const std::vector<T> rstd = rstd_of<T>(var.const_data_ptr<T>(), groups * O, eps);
     const T* mp = mean.const_data_ptr<T>();
     for_chunks(ch, [&](int64_t i) {
       const int64_t g = ch.group(i);
@@ -785,20 +903,10 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
   const RowChunks ch = make_chunks(R, groups);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_backward_cpu", [&] {
     using T = scalar_t;
-    const T* gp = dy.const_data_ptr<T>();
-    const T* hp = xh.const_data_ptr<T>();
-    T* dzp = dz.data_ptr<T>();
-    const int64_t img = pixels * O;
-    const std::vector<T> rstd = rstd_of<T>(var, eps);
-    std::vector<T> a, b;
-    if (training) grad_stats<T>(ch, true, gp, hp, pixels, O, double(ch.rows_per_group * pixels), a, b);
-    for_chunks(ch, [&](int64_t i) {
-      const int64_t g = ch.group(i);
-      for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-        k_bn_input_grad(true, gp + r * img, hp + r * img, pixels, O, rstd.data() + g * O,
-                        training ? a.data() + g * O : nullptr,
-                        training ? b.data() + g * O : nullptr, dzp + r * img);
-    });
+    const at::Tensor v = var.contiguous();
+    const std::vector<T> rstd = rstd_of<T>(v.const_data_ptr<T>(), v.numel(), eps);
+    pw_dz<T>(ch, true, dy.const_data_ptr<T>(), xh.const_data_ptr<T>(), nullptr, rstd.data(),
+             pixels, O, training, dz.data_ptr<T>());
   });
   const at::Tensor x2d = pixel_rows(x);
   at::Tensor dx = at::mm(dz, weight.reshape({O, C}));  // [R*H*W, C]
@@ -806,9 +914,199 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
 }
 
+// ---------------------------------------------------------------------------------------------
+// conv_bn_chain (CPU body): a branch's layers, with the BatchNorm + ReLU of every 1x1 layer
+// but the last applied lazily, so their normalised outputs are never written.
+//
+// A 1x1 layer stores its raw output s (the matmul's, before the BN) with its map
+// h = relu((s - shift) * scale) (InputMap; shift: the batch mean in training, the running mean
+// in eval; scale = rsqrt(var + eps)). A depthwise layer after it reads h through the map while
+// copying each image into its padded scratch, in the forward and again for its weight
+// gradient; the backward of the 1x1 layer recomputes xhat (and the ReLU mask) from s and the
+// map. Same arithmetic as the layer ops' normalising pass, so the same values. A depthwise
+// layer stores its normalised output as the layer op does (its consumer, a 1x1 layer, needs it
+// as a matmul operand); a 1x1 layer followed by a 1x1 layer (no SPOS branch has one) hands h
+// over written out; the last layer's output is written normalised (y). Compared with the layer
+// ops in turn, each lazy 1x1 layer saves the pass that wrote xhat and y (two full tensors) and
+// keeps one tensor alive instead of two.
+// saved (CPU layout): every layer's stored output (raw for 1x1 layers, xhat for depthwise
+// ones), then the maps' shifts [G, sum C_i] (the scales follow from the var output).
+
+template <typename T>
+void rstd_into(const T* var, int64_t n, double eps, T* out) {
+  const std::vector<T> r = rstd_of(var, n, eps);
+  std::copy(r.begin(), r.end(), out);
+}
+
+// A stored tensor and its map (shift undefined: none).
+struct Lazy {
+  at::Tensor s, shift, scale;
+  bool relu = false;
+  bool mapped() const { return shift.defined(); }
+};
+
+template <typename T>
+const T* ptr_or_null(const at::Tensor& t) {
+  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+}
+
+// h = map(s) written out: [R, C, H, W] channels-last, dense.
+template <typename T>
+at::Tensor materialize(const Lazy& t, int64_t groups) {
+  const at::Tensor& s = t.s;
+  const int64_t R = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), img = H * W * C;
+  at::Tensor out = empty_rows_last(R, C, H, W, s);
+  const RowChunks ch = make_chunks(R, groups);
+  const T* sp = s.const_data_ptr<T>();
+  T* op = out.data_ptr<T>();
+  for_chunks(ch, [&](int64_t i) {
+    const InputMap<T> map = group_map(ptr_or_null<T>(t.shift), ptr_or_null<T>(t.scale), t.relu,
+                                      ch.group(i), C);
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r) k_map(sp + r * img, op + r * img, H * W, C, map);
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_chain_cpu(
+    const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef layers,
+    const at::Tensor& mean_in, const at::Tensor& var_in, int64_t groups, double eps,
+    bool training) {
+  const std::vector<int64_t> channels =
+      check_chain("conv_bn_chain", layers, weights, mean_in, var_in, groups);
+  const size_t n = layers.size();
+  const at::Tensor x = rows_last(x_in);
+  const at::TensorOptions opt = x.options();
+  const int64_t total = mean_in.size(1);
+  at::Tensor mean = at::empty({groups, total}, opt), var = at::empty({groups, total}, opt);
+  at::Tensor shift = at::empty({groups, total}, opt);
+  std::vector<at::Tensor> saved;
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_cpu", [&] {
+    using T = scalar_t;
+    Lazy in{x};
+    int64_t off = 0;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t Ci = channels[i];
+      const at::Tensor m_in = mean_in.narrow(1, off, Ci), v_in = var_in.narrow(1, off, Ci);
+      at::Tensor m = at::empty({groups, Ci}, opt), v = at::empty({groups, Ci}, opt);
+      if (!training) {
+        m.copy_(m_in);
+        v.copy_(v_in);
+      }
+      at::Tensor out;
+      if (layers[i] == 0) {
+        check_pwconv_bn_relu(in.s, weights[i], m_in, v_in, groups);
+        if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
+        const int64_t R = in.s.size(0), C = in.s.size(1), H = in.s.size(2), W = in.s.size(3);
+        const at::Tensor z = at::mm(pixel_rows(in.s), weights[i].reshape({Ci, C}).t());
+        if (training)
+          pw_moments<T>(make_chunks(R, groups), z.const_data_ptr<T>(), H * W, Ci,
+                        m.data_ptr<T>(), v.data_ptr<T>());
+        out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
+      } else {
+        check_dwconv_bn(in.s, weights[i], m_in, v_in, layers[i], groups);
+        const at::Tensor wc = weights[i].contiguous();
+        const DwShape s = dw_shape(in.s, weights[i], layers[i]);
+        out = empty_rows_last(in.s.size(0), Ci, s.OH, s.OW, x);
+        dw_layer_forward<T>(make_chunks(in.s.size(0), groups), s, in.s.const_data_ptr<T>(),
+                            wc.const_data_ptr<T>(), out.data_ptr<T>(), ptr_or_null<T>(in.shift),
+                            ptr_or_null<T>(in.scale), in.relu, training, eps,
+                            m.data_ptr<T>(), v.data_ptr<T>());
+      }
+      mean.narrow(1, off, Ci).copy_(m);
+      var.narrow(1, off, Ci).copy_(v);
+      shift.narrow(1, off, Ci).copy_(m);
+      saved.push_back(out);
+      in = Lazy{out};
+      if (layers[i] == 0) {
+        in.shift = m;
+        in.scale = at::empty({groups, Ci}, opt);
+        rstd_into<T>(v.const_data_ptr<T>(), groups * Ci, eps, in.scale.data_ptr<T>());
+        in.relu = true;
+      }
+      off += Ci;
+    }
+    // (a depthwise last layer: a copy, since outputs may not alias each other)
+    y = in.mapped() ? materialize<T>(in, groups) : in.s.clone(at::MemoryFormat::ChannelsLast);
+  });
+  saved.push_back(shift);
+  return {y, saved, mean, var};
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x_in, at::TensorList weights,
+    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
+    int64_t groups, double eps, bool training) {
+  const char* op = "conv_bn_chain_backward";
+  const std::vector<int64_t> channels = check_chain(op, layers, weights, var, var, groups);
+  const size_t n = layers.size();
+  TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
+              "forward's: every layer's stored output, then the shifts), got ", saved.size());
+  const at::Tensor x = rows_last(x_in);
+  const at::TensorOptions opt = x.options();
+  const int64_t total = var.size(1);
+  TORCH_CHECK(saved[n].dim() == 2 && saved[n].size(0) == groups && saved[n].size(1) == total,
+              op, ": saved[", n, "] (the shifts) must be [", groups, ", ", total, "], got ",
+              saved[n].sizes());
+  std::vector<at::Tensor> grad_w(n);
+  at::Tensor g = rows_last(grad_y);  // dL/dh of the current layer's output
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_backward_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor shift_all = saved[n].contiguous();
+    const at::Tensor var_c = var.contiguous();
+    at::Tensor scale_all = at::empty({groups, total}, opt);
+    rstd_into<T>(var_c.const_data_ptr<T>(), groups * total, eps, scale_all.data_ptr<T>());
+    std::vector<int64_t> offs(n, 0);
+    for (size_t i = 1; i < n; ++i) offs[i] = offs[i - 1] + channels[i - 1];
+    auto lazy = [&](size_t i) {  // layer i's stored output, with its map for a 1x1 layer
+      Lazy t{rows_last(saved[i])};
+      if (layers[i] == 0) {
+        t.shift = shift_all.narrow(1, offs[i], channels[i]).contiguous();
+        t.scale = scale_all.narrow(1, offs[i], channels[i]).contiguous();
+        t.relu = true;
+      }
+      return t;
+    };
+    for (size_t j = n; j-- > 0;) {
+      const Lazy out = lazy(j);
+      Lazy in = j == 0 ? Lazy{x} : lazy(j - 1);
+      TORCH_CHECK(g.sizes() == out.s.sizes(), op, ": grad_y must be ", out.s.sizes(), ", got ",
+                  g.sizes());
+      const int64_t R = in.s.size(0), C = in.s.size(1), H = in.s.size(2), W = in.s.size(3);
+      const RowChunks ch = make_chunks(R, groups);
+      if (layers[j] == 0) {
+        const int64_t O = channels[j], pixels = H * W;
+        at::Tensor dz = at::empty({R * pixels, O}, opt);
+        pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(),
+                 out.shift.const_data_ptr<T>(), out.scale.const_data_ptr<T>(), pixels, O,
+                 training, dz.data_ptr<T>());
+        if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
+        grad_w[j] = at::mm(dz.t(), pixel_rows(in.s)).view({O, C, 1, 1});
+        g = at::mm(dz, weights[j].reshape({O, C})).view({R, H, W, C}).permute({0, 3, 1, 2});
+      } else {
+        const DwShape s = dw_shape(in.s, weights[j], layers[j]);
+        const at::Tensor wc = weights[j].contiguous();
+        at::Tensor dx = empty_rows_last(R, C, H, W, x);
+        at::Tensor dw = at::empty({C, 1, s.K, s.K}, opt);
+        const at::Tensor rstd = scale_all.narrow(1, offs[j], channels[j]).contiguous();
+        dw_layer_backward<T>(ch, s, g.const_data_ptr<T>(), in.s.const_data_ptr<T>(),
+                             ptr_or_null<T>(in.shift), ptr_or_null<T>(in.scale), in.relu,
+                             out.s.const_data_ptr<T>(), rstd.const_data_ptr<T>(),
+                             wc.const_data_ptr<T>(), training, dx.data_ptr<T>(),
+                             dw.data_ptr<T>());
+        grad_w[j] = dw;
+        g = dx;
+      }
+    }
+  });
+  return {g, grad_w};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
+  m.impl("conv_bn_chain", &conv_bn_chain_cpu);
+  m.impl("conv_bn_chain_backward", &conv_bn_chain_backward_cpu);
   m.impl("dwconv_bn", &dwconv_bn_cpu);
   m.impl("dwconv_bn_backward", &dwconv_bn_backward_cpu);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_cpu);

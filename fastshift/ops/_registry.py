@@ -128,7 +128,13 @@ if HAVE_C:
         return _channels_last_empty(x, tuple(x.shape)), torch.empty_like(
             weight, memory_format=torch.contiguous_format)
 
-    def _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training):
+    def _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training,
+                            cpu_body=False):
+        """The chain's outputs. ``saved`` is what the backward of the same body reads: the
+        composite bodies (CUDA, and the Triton family) keep the outputs of layers 0 .. n-2,
+        then the xhat of each pointwise layer (empty in eval); the CPU body (``cpu_body``,
+        csrc/cpu/block_cpu.cpp) keeps every layer's raw output, then the ``[G, sum C_i]``
+        shifts of their lazy normalisation."""
         torch._check(len(weights) == len(layers) >= 1,
                      lambda: "conv_bn_chain: one weight per layer, at least one layer")
         h, saved, xhats, off = x, [], [], 0
@@ -141,10 +147,19 @@ if HAVE_C:
                 xhats.append(xhat)
             else:
                 y, _, _ = _dwconv_bn_fake(h, w, m, v, kind, groups, eps, training)
-            if i + 1 < len(layers):
+            if i + 1 < len(layers) or cpu_body:
                 saved.append(y)
             h = y
-        return h, saved + xhats, x.new_empty((groups, off)), x.new_empty((groups, off))
+        if cpu_body:
+            saved = saved + [x.new_empty((groups, off))]
+            h = _channels_last_empty(x, tuple(h.shape))
+        else:
+            saved = saved + xhats
+        return h, saved, x.new_empty((groups, off)), x.new_empty((groups, off))
+
+    def _conv_bn_chain_compiled_fake(x, weights, layers, mean, var, groups, eps, training):
+        return _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training,
+                                   cpu_body=x.device.type == "cpu")
 
     def _conv_bn_chain_backward_fake(grad_y, x, weights, layers, y, saved, var, groups, eps,
                                      training):
@@ -211,7 +226,9 @@ if HAVE_C:
             return grad_x, list(grad_w), None, None, None, None, None, None
 
         lib = "fastshift::"
-        torch.library.register_fake(lib + "conv_bn_chain" + suffix, _conv_bn_chain_fake)
+        torch.library.register_fake(lib + "conv_bn_chain" + suffix,
+                                    _conv_bn_chain_compiled_fake if suffix == ""
+                                    else _conv_bn_chain_fake)
         torch.library.register_fake(lib + "conv_bn_chain_backward" + suffix,
                                     _conv_bn_chain_backward_fake)
         torch.library.register_autograd(lib + "conv_bn_chain" + suffix, chain_grad,
