@@ -423,6 +423,41 @@ def test_conv_bn_chain_gradcheck_opcheck(backend, device):
 
 
 @needs_c
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("case", [((0, 2, 0), 16, 9, 1), ((2, 0, 1, 0, 1, 0), 12, 7, 2),
+                                  ((0, 1), 8, 6, 1)])
+def test_cpu_chain_is_the_layer_ops_bit_for_bit(case, training):
+    """The CPU chain body (lazy BatchNorm: raw 1x1 outputs normalised while the depthwise layer
+    reads them) does the layer ops' arithmetic: float32 output, running statistics and every
+    gradient equal calling ``pwconv_bn_relu`` / ``dwconv_bn`` in turn, bit for bit."""
+    layers, c, h, groups = case
+    torch.manual_seed(0)
+    x = torch.randn(4 * groups, c, h, h).contiguous(memory_format=torch.channels_last)
+    weights = [w * 0.3 for w in _chain_weights(layers, c, torch.float32, "cpu")]
+    stats = [(torch.randn(groups, w.shape[0]), torch.rand(groups, w.shape[0]) + 0.5)
+             for w in weights]
+
+    def run(chain):
+        xx = x.clone().requires_grad_(True)
+        ws = [w.clone().requires_grad_(True) for w in weights]
+        means, vars_ = [m.clone() for m, _ in stats], [v.clone() for _, v in stats]
+        kw = dict(groups=groups, training=training, backend="cpu")
+        if chain:
+            y = ops.conv_bn_chain(xx, ws, list(layers), means, vars_,
+                                  momentums=[0.1] * len(layers), **kw)
+        else:
+            y = xx
+            for kind, w, m, v in zip(layers, ws, means, vars_):
+                y = (ops.pwconv_bn_relu(y, w, m, v, **kw) if kind == 0
+                     else ops.dwconv_bn(y, w, kind, m, v, **kw))
+        grads = torch.autograd.grad(y, [xx] + ws, torch.linspace(-1, 1, y.numel()).view_as(y))
+        return [y, *means, *vars_, *grads]
+
+    for got, want in zip(run(True), run(False)):
+        assert torch.equal(got, want)
+
+
+@needs_c
 @pytest.mark.parametrize("backend,device", PAIRS)
 def test_conv_bn_chain_errors_name_the_problem(backend, device):
     x = torch.randn(4, 6, 5, 5, device=device)

@@ -918,17 +918,18 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
 // conv_bn_chain (CPU body): a branch's layers, with the BatchNorm + ReLU of every 1x1 layer
 // but the last applied lazily, so their normalised outputs are never written.
 //
-// A 1x1 layer stores its raw output s (the matmul's, before the BN) with its map
-// h = relu((s - shift) * scale) (InputMap; shift: the batch mean in training, the running mean
-// in eval; scale = rsqrt(var + eps)). A depthwise layer after it reads h through the map while
+// A 1x1 layer stores its raw output s (the matmul's, before the BN) with its map h = relu((s
+// - shift) * scale) (InputMap; shift: the batch mean in training, the running mean in eval;
+// scale = rsqrt(var + eps)). A depthwise layer after it reads h through the map while
 // copying each image into its padded scratch, in the forward and again for its weight
 // gradient; the backward of the 1x1 layer recomputes xhat (and the ReLU mask) from s and the
-// map. Same arithmetic as the layer ops' normalising pass, so the same values. A depthwise
-// layer stores its normalised output as the layer op does (its consumer, a 1x1 layer, needs it
-// as a matmul operand); a 1x1 layer followed by a 1x1 layer (no SPOS branch has one) hands h
-// over written out; the last layer's output is written normalised (y). Compared with the layer
-// ops in turn, each lazy 1x1 layer saves the pass that wrote xhat and y (two full tensors) and
-// keeps one tensor alive instead of two.
+// map. Same arithmetic as the layer ops' normalising pass, so the same values bit for bit
+// (test_cpu_chain_is_the_layer_ops_bit_for_bit). A depthwise layer stores its normalised
+// output as the layer op does (its consumer, a 1x1 layer, needs it as a matmul operand); a
+// 1x1 layer followed by a 1x1 layer (no SPOS branch has one) hands h over written out; the
+// last layer's output is written normalised (y). Compared with the layer ops in turn, each
+// lazy 1x1 layer saves the pass that wrote xhat and y (two full tensors) and keeps one
+// tensor alive instead of two.
 // saved (CPU layout): every layer's stored output (raw for 1x1 layers, xhat for depthwise
 // ones), then the maps' shifts [G, sum C_i] (the scales follow from the var output).
 
