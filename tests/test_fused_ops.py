@@ -478,6 +478,9 @@ def test_conv_bn_chain_errors_name_the_problem(backend, device):
                                            r"channels\] = \[1, 16\], got \[1, 8\]"):
         op(x, [w_pw, w_dw], [0, 1], torch.zeros(1, 8, device=device),
            torch.ones(1, 16, device=device), 1, 1e-5, True)
+    with pytest.raises(RuntimeError, match=r": x must be float32 or float64"):
+        op(x.long(), [w_pw.long(), w_dw.long()], [0, 1], torch.zeros(1, 16, device=device),
+           torch.ones(1, 16, device=device), 1, 1e-5, True)
     # a layer's own check names the layer op and the mismatch
     with pytest.raises(RuntimeError, match=r"dwconv_bn: weight must be \[C, 1, k, k\] with C = 8"):
         ops.conv_bn_chain(x, [w_pw, torch.randn(5, 1, 3, 3, device=device)], [0, 1],

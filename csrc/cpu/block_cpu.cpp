@@ -974,6 +974,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
     bool training) {
   const std::vector<int64_t> channels =
       check_chain("conv_bn_chain", layers, weights, mean_in, var_in, groups);
+  check_float_dtype("conv_bn_chain", x_in);  // before the dtype dispatch below
   const size_t n = layers.size();
   const at::Tensor x = rows_last(x_in);
   const at::TensorOptions opt = x.options();
@@ -1040,6 +1041,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
     int64_t groups, double eps, bool training) {
   const char* op = "conv_bn_chain_backward";
   const std::vector<int64_t> channels = check_chain(op, layers, weights, var, var, groups);
+  check_float_dtype(op, x_in);
   const size_t n = layers.size();
   TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
               "forward's: every layer's stored output, then the shifts), got ", saved.size());

@@ -133,8 +133,9 @@ if HAVE_C:
         """The chain's outputs. ``saved`` is what the backward of the same body reads: the
         composite bodies (CUDA, and the Triton family) keep the outputs of layers 0 .. n-2,
         then the xhat of each pointwise layer (empty in eval); the CPU body (``cpu_body``,
-        csrc/cpu/block_cpu.cpp) keeps every layer's raw output, then the ``[G, sum C_i]``
-        shifts of their lazy normalisation."""
+        csrc/cpu/block_cpu.cpp) keeps every layer's stored output (raw for a pointwise
+        layer, xhat for a depthwise one), then the ``[G, sum C_i]`` shifts of the lazy
+        normalisation."""
         torch._check(len(weights) == len(layers) >= 1,
                      lambda: "conv_bn_chain: one weight per layer, at least one layer")
         h, saved, xhats, off = x, [], [], 0
