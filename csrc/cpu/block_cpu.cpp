@@ -581,31 +581,47 @@ std::vector<T> rstd_of(const T* var, int64_t n, double eps) {
 }
 
 // Training-mode gradient statistics: a = sum(dy')/N and b = sum(dy' xhat)/N per [G, C].
-// With `shift` / `scale` ([G, C]), `xhat` is a raw output read through their map.
+// Per-chunk double sums of the BN backward ([chunks, C] each, channel_sums modes 1 / 2): of dy'
+// and of dy' * xhat.
+struct GradSums {
+  std::vector<double> g, gx;
+  GradSums(int64_t chunks, int64_t C) : g(chunks * C, 0.0), gx(chunks * C, 0.0) {}
+};
+
+// Training-mode gradient statistics from the sums: a = sum(dy')/N and b = sum(dy' xhat)/N per
+// [G, C], the chunks of a group added in order.
 template <typename T>
-void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int64_t pixels,
-                int64_t C, double count, std::vector<T>& a, std::vector<T>& b,
-                const T* shift = nullptr, const T* scale = nullptr) {
-  std::vector<double> sg(ch.count() * C, 0.0), sgx(ch.count() * C, 0.0);
-  for_chunks(ch, [&](int64_t i) {
-    const int64_t g = ch.group(i);
-    const InputMap<T> map{shift ? shift + g * C : nullptr, scale ? scale + g * C : nullptr, false};
-    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-      k_grad_moments(relu, dy + r * pixels * C, xhat + r * pixels * C, pixels, C,
-                     sg.data() + i * C, sgx.data() + i * C, map);
-  });
+void reduce_grad_sums(const RowChunks& ch, int64_t C, const GradSums& sums, double count,
+                      std::vector<T>& a, std::vector<T>& b) {
   a.assign(ch.groups * C, T(0));
   b.assign(ch.groups * C, T(0));
   for (int64_t g = 0; g < ch.groups; ++g)
     for (int64_t c = 0; c < C; ++c) {
       double s = 0, q = 0;
       for (int64_t j = 0; j < ch.per_group; ++j) {
-        s += sg[(g * ch.per_group + j) * C + c];
-        q += sgx[(g * ch.per_group + j) * C + c];
+        s += sums.g[(g * ch.per_group + j) * C + c];
+        q += sums.gx[(g * ch.per_group + j) * C + c];
       }
       a[g * C + c] = static_cast<T>(count > 0 ? s / count : 0.0);
       b[g * C + c] = static_cast<T>(count > 0 ? q / count : 0.0);
     }
+}
+
+// Training-mode gradient statistics in one pass over dy and xhat. With `shift` / `scale`
+// ([G, C]), `xhat` is a raw output read through their map.
+template <typename T>
+void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int64_t pixels,
+                int64_t C, double count, std::vector<T>& a, std::vector<T>& b,
+                const T* shift = nullptr, const T* scale = nullptr) {
+  GradSums sums(ch.count(), C);
+  for_chunks(ch, [&](int64_t i) {
+    const int64_t g = ch.group(i);
+    const InputMap<T> map{shift ? shift + g * C : nullptr, scale ? scale + g * C : nullptr, false};
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_grad_moments(relu, dy + r * pixels * C, xhat + r * pixels * C, pixels, C,
+                     sums.g.data() + i * C, sums.gx.data() + i * C, map);
+  });
+  reduce_grad_sums(ch, C, sums, count, a, b);
 }
 
 // Depthwise weight layouts the kernels read, from w [C, K*K] (weight [C, 1, K, K] made dense),
@@ -709,11 +725,15 @@ void dw_layer_forward(const RowChunks& ch, const DwShape& s, const T* xp, const 
 
 // Depthwise conv + BN backward over dense channels-last rows. gp: dL/dy; yp: xhat (read in
 // training only); rstd [G, C]; xp: the input, read through its map (in_*) as in the forward.
-// Writes dL/dh(x) to dxp and the weight gradient [C, K*K] to dwp.
+// Writes dL/dh(x) to dxp and the weight gradient [C, K*K] to dwp. in_sums (training, input
+// with a ReLU map: a lazy 1x1 layer's raw output): also adds that layer's BN-backward sums
+// (ReLU-masked dL/dh(x), and it times xhat) per chunk while each image of dL/dh(x) is in
+// cache, the same sums grad_stats would take in a pass of its own.
 template <typename T>
 void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const T* xp,
                        const T* in_shift, const T* in_scale, bool in_relu, const T* yp,
-                       const T* rstd, const T* weight, bool training, T* dxp, T* dwp) {
+                       const T* rstd, const T* weight, bool training, T* dxp, T* dwp,
+                       GradSums* in_sums = nullptr) {
   const int64_t C = s.C, K = s.K, taps = K * K * C;
   const std::unique_ptr<T[]> wflip = scratch<T>(input_grad_tap_rows(K, s.S) * C);
   input_grad_taps(weight, C, K, s.S, wflip.get());
@@ -739,6 +759,9 @@ void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const
                           pixels, C, rstd + g * C, training ? a.data() + g * C : nullptr,
                           training ? b.data() + g * C : nullptr, dz);
           k_dw_input_grad(dz, wflip.get(), dxp + r * in_img, s, pad);
+          if (in_sums != nullptr)
+            k_grad_moments(true, dxp + r * in_img, xp + r * in_img, s.H * s.W, C,
+                           in_sums->g.data() + i * C, in_sums->gx.data() + i * C, in_map);
           k_dw_weight_grad(xp + r * in_img, dz, part, s, pad, in_map);
         }
       }
@@ -829,15 +852,18 @@ void pw_moments(const RowChunks& ch, const T* zp, int64_t pixels, int64_t O, T* 
 }
 
 // The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp) and
-// xhat (xp; or the raw output through the map y_shift, rstd when y_shift is given).
+// xhat (xp; or the raw output through the map y_shift, rstd when y_shift is given). `sums`:
+// the training-mode sums already taken (dw_layer_backward's in_sums), else one pass here.
 template <typename T>
 void pw_dz(const RowChunks& ch, bool relu, const T* gp, const T* xp, const T* y_shift,
-           const T* rstd, int64_t pixels, int64_t O, bool training, T* dzp) {
+           const T* rstd, int64_t pixels, int64_t O, bool training, T* dzp,
+           const GradSums* sums = nullptr) {
   const int64_t img = pixels * O;
+  const double count = double(ch.rows_per_group * pixels);
   std::vector<T> a, b;
-  if (training)
-    grad_stats<T>(ch, relu, gp, xp, pixels, O, double(ch.rows_per_group * pixels), a, b,
-                  y_shift, y_shift ? rstd : nullptr);
+  if (training && sums != nullptr) reduce_grad_sums(ch, O, *sums, count, a, b);
+  else if (training)
+    grad_stats<T>(ch, relu, gp, xp, pixels, O, count, a, b, y_shift, y_shift ? rstd : nullptr);
   for_chunks(ch, [&](int64_t i) {
     const int64_t g = ch.group(i);
     const InputMap<T> map = group_map(y_shift, rstd, false, g, O);
@@ -1070,9 +1096,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
       }
       return t;
     };
+    std::unique_ptr<GradSums> sums;  // layer j's BN-backward sums, taken by layer j + 1
     for (size_t j = n; j-- > 0;) {
       const Lazy out = lazy(j);
       Lazy in = j == 0 ? Lazy{x} : lazy(j - 1);
+      std::unique_ptr<GradSums> out_sums = std::move(sums);
       TORCH_CHECK(g.sizes() == out.s.sizes(), op, ": grad_y must be ", out.s.sizes(), ", got ",
                   g.sizes());
       const int64_t R = in.s.size(0), C = in.s.size(1), H = in.s.size(2), W = in.s.size(3);
@@ -1082,7 +1110,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
         at::Tensor dz = at::empty({R * pixels, O}, opt);
         pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(),
                  out.shift.const_data_ptr<T>(), out.scale.const_data_ptr<T>(), pixels, O,
-                 training, dz.data_ptr<T>());
+                 training, dz.data_ptr<T>(), out_sums.get());
         if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
         grad_w[j] = at::mm(dz.t(), pixel_rows(in.s)).view({O, C, 1, 1});
         g = at::mm(dz, weights[j].reshape({O, C})).view({R, H, W, C}).permute({0, 3, 1, 2});
@@ -1092,11 +1120,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
         at::Tensor dx = empty_rows_last(R, C, H, W, x);
         at::Tensor dw = at::empty({C, 1, s.K, s.K}, opt);
         const at::Tensor rstd = scale_all.narrow(1, offs[j], channels[j]).contiguous();
+        if (training && in.mapped()) sums = std::make_unique<GradSums>(ch.count(), C);
         dw_layer_backward<T>(ch, s, g.const_data_ptr<T>(), in.s.const_data_ptr<T>(),
                              ptr_or_null<T>(in.shift), ptr_or_null<T>(in.scale), in.relu,
                              out.s.const_data_ptr<T>(), rstd.const_data_ptr<T>(),
                              wc.const_data_ptr<T>(), training, dx.data_ptr<T>(),
-                             dw.data_ptr<T>());
+                             dw.data_ptr<T>(), sums.get());
         grad_w[j] = dw;
         g = dx;
       }
