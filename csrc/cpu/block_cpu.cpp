@@ -553,34 +553,48 @@ FASTSHIFT_KERNELS(float)
 FASTSHIFT_KERNELS(double)
 #undef FASTSHIFT_KERNELS
 
+// For every group g and channel c of per-chunk double sums s1, s2 ([chunks, C]): the group's
+// chunks added in order, divided by `count` (0 for an empty group), handed to
+// f(g * C + c, mean of s1, mean of s2).
+template <typename F>
+void group_means(const RowChunks& ch, int64_t C, const std::vector<double>& s1,
+                 const std::vector<double>& s2, double count, const F& f) {
+  for (int64_t g = 0; g < ch.groups; ++g) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0, q = 0;
+      for (int64_t j = 0; j < ch.per_group; ++j) {
+        s += s1[(g * ch.per_group + j) * C + c];
+        q += s2[(g * ch.per_group + j) * C + c];
+      }
+      f(g * C + c, count > 0 ? s / count : 0.0, count > 0 ? q / count : 0.0);
+    }
+  }
+}
+
 // Per-group mean and biased variance [G, C] from per-chunk double sums over `count` values
 // per group.
 template <typename T>
 void reduce_moments(const RowChunks& ch, int64_t C, const std::vector<double>& sum,
                     const std::vector<double>& sq, double count, T* mean, T* var) {
-  for (int64_t g = 0; g < ch.groups; ++g) {
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0, q = 0;
-      for (int64_t j = 0; j < ch.per_group; ++j) {
-        s += sum[(g * ch.per_group + j) * C + c];
-        q += sq[(g * ch.per_group + j) * C + c];
-      }
-      const double m = count > 0 ? s / count : 0.0;
-      mean[g * C + c] = static_cast<T>(m);
-      var[g * C + c] = static_cast<T>(count > 0 ? std::max(q / count - m * m, 0.0) : 0.0);
-    }
-  }
+  group_means(ch, C, sum, sq, count, [&](int64_t i, double m, double q) {
+    mean[i] = static_cast<T>(m);
+    var[i] = static_cast<T>(std::max(q - m * m, 0.0));
+  });
 }
 
-// 1 / sqrt(var + eps) of n values (computed in double).
+// 1 / sqrt(var + eps) of n values (computed in double) into out.
+template <typename T>
+void rstd_into(const T* var, int64_t n, double eps, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(var[i]) + eps));
+}
+
 template <typename T>
 std::vector<T> rstd_of(const T* var, int64_t n, double eps) {
   std::vector<T> out(n);
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(var[i]) + eps));
+  rstd_into(var, n, eps, out.data());
   return out;
 }
 
-// Training-mode gradient statistics: a = sum(dy')/N and b = sum(dy' xhat)/N per [G, C].
 // Per-chunk double sums of the BN backward ([chunks, C] each, channel_sums modes 1 / 2): of dy'
 // and of dy' * xhat.
 struct GradSums {
@@ -595,16 +609,10 @@ void reduce_grad_sums(const RowChunks& ch, int64_t C, const GradSums& sums, doub
                       std::vector<T>& a, std::vector<T>& b) {
   a.assign(ch.groups * C, T(0));
   b.assign(ch.groups * C, T(0));
-  for (int64_t g = 0; g < ch.groups; ++g)
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0, q = 0;
-      for (int64_t j = 0; j < ch.per_group; ++j) {
-        s += sums.g[(g * ch.per_group + j) * C + c];
-        q += sums.gx[(g * ch.per_group + j) * C + c];
-      }
-      a[g * C + c] = static_cast<T>(count > 0 ? s / count : 0.0);
-      b[g * C + c] = static_cast<T>(count > 0 ? q / count : 0.0);
-    }
+  group_means(ch, C, sums.g, sums.gx, count, [&](int64_t i, double mg, double mgx) {
+    a[i] = static_cast<T>(mg);
+    b[i] = static_cast<T>(mgx);
+  });
 }
 
 // Training-mode gradient statistics in one pass over dy and xhat. With `shift` / `scale`
@@ -957,13 +965,9 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
 // lazy 1x1 layer saves the pass that wrote xhat and y (two full tensors) and keeps one
 // tensor alive instead of two.
 // saved (CPU layout): every layer's stored output (raw for 1x1 layers, xhat for depthwise
-// ones), then the maps' shifts [G, sum C_i] (the scales follow from the var output).
-
-template <typename T>
-void rstd_into(const T* var, int64_t n, double eps, T* out) {
-  const std::vector<T> r = rstd_of(var, n, eps);
-  std::copy(r.begin(), r.end(), out);
-}
+// ones), then the maps' shifts [G, sum C_i]: the values of the mean output (batch means in
+// training, running means in eval), copied because outputs may not alias; the scales follow
+// from the var output.
 
 // A stored tensor and its map (shift undefined: none).
 struct Lazy {
