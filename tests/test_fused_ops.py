@@ -623,3 +623,53 @@ def test_unit_chain_split_ready_equals_reference(backend, device, training):
         _assert_close(b, a, torch.float64, f"grad {name}")
     for (name, a), b in zip(ref_units.named_buffers(), units.buffers()):
         _assert_close(b.double(), a.double(), torch.float64, f"buffer {name}")
+
+
+_TILE_CHECK = r"""
+import torch
+from fastshift import ops
+torch.manual_seed(0)
+worst = 0.0
+# odd channel counts (vector tiles, narrower tiles and single columns), odd row counts
+# (row-tail tiles), groups, and rows past one reduction block in the weight gradient
+for r, c, o, h, w, groups in [(3, 19, 37, 5, 7, 1), (4, 70, 23, 3, 3, 2), (2, 5, 3, 1, 1, 1),
+                              (6, 33, 17, 9, 11, 3)]:
+    x = torch.randn(r, c, h, w, dtype=torch.float64)
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    wt = torch.randn(o, c, 1, 1, dtype=torch.float64, requires_grad=True)
+    stats = (torch.randn(groups, o, dtype=torch.float64),
+             torch.rand(groups, o, dtype=torch.float64) + 0.5)
+    for training in (True, False):
+        outs = []
+        for backend in ("cpu", "reference"):
+            m, v = stats[0].clone(), stats[1].clone()
+            y = ops.pwconv_bn_relu(x, wt, m, v, groups=groups, training=training,
+                                   backend=backend)
+            g = torch.autograd.grad(y, [x, wt], torch.randn(y.shape, dtype=torch.float64,
+                                    generator=torch.Generator().manual_seed(1)))
+            outs.append([y, m, v, *g])
+        for a, b in zip(*outs):
+            worst = max(worst, float((a - b).abs().max() / (1 + b.abs().max())))
+print("worst", worst)
+"""
+
+
+@needs_c
+@pytest.mark.parametrize("tiles", ["default", "narrow"])
+def test_cpu_products_in_both_tile_sizes(tiles):
+    """The 1x1 layers' matrix products (csrc/cpu/gemm.h) come in two register tilings, chosen
+    by the CPU (AVX-512 or not); FASTSHIFT_CPU_GEMM=narrow forces the narrow one, so both are
+    checked against the reference here (float64: values, running statistics, gradients)."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ)
+    env.pop("FASTSHIFT_CPU_GEMM", None)
+    if tiles == "narrow":
+        env["FASTSHIFT_CPU_GEMM"] = "narrow"
+    out = subprocess.run([sys.executable, "-c", _TILE_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    worst = float(out.stdout.split()[-1])
+    assert worst < 1e-12, out.stdout

@@ -27,6 +27,7 @@
 #include <vector>
 
 #include "../block_checks.h"
+#include "gemm.h"
 #include "multiversion.h"
 
 namespace fastshift {
@@ -503,7 +504,13 @@ inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, cons
   });
 }
 
-// The multiversioned entry points: one per kernel and dtype.
+// The multiversioned entry points: one per kernel and dtype (and per epilogue of k_gemm).
+#define FASTSHIFT_GEMM(T, E)                                                                    \
+  FASTSHIFT_MULTIVERSION void k_gemm(const T* a, int64_t ars, int64_t aks, const T* b,          \
+                                     int64_t ldb, T* c, int64_t ldc, int64_t M, int64_t K,      \
+                                     int64_t N, bool accumulate, const E& e) {                  \
+    gemm::multiply<T>(a, ars, aks, b, ldb, c, ldc, M, K, N, accumulate, e);                     \
+  }
 // (`map`: the InputMap of a lazily normalised input or raw output; default: none.)
 #define FASTSHIFT_KERNELS(T)                                                                    \
   FASTSHIFT_MULTIVERSION void k_dw_forward(const T* x, const T* wt, T* z, const DwShape& s,      \
@@ -547,11 +554,14 @@ inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, cons
   FASTSHIFT_MULTIVERSION void k_map(const T* s, T* y, int64_t n, int64_t C,                     \
                                     const InputMap<T>& map) {                                   \
     map_pixels<T>(s, y, n, C, map);                                                             \
-  }
+  }                                                                                             \
+  FASTSHIFT_GEMM(T, gemm::Store)                                                                \
+  FASTSHIFT_GEMM(T, gemm::Moments)
 
 FASTSHIFT_KERNELS(float)
 FASTSHIFT_KERNELS(double)
 #undef FASTSHIFT_KERNELS
+#undef FASTSHIFT_GEMM
 
 // For every group g and channel c of per-chunk double sums s1, s2 ([chunks, C]): the group's
 // chunks added in order, divided by `count` (0 for an empty group), handed to
@@ -845,18 +855,130 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
 }
 
 // ---------------------------------------------------------------------------------------------
-// pwconv_bn_relu: the 1x1 conv is a matmul over the [R*H*W, C] rows (at::mm), the BN and ReLU
-// run as two fused passes over its output.
+// pwconv_bn_relu: the 1x1 conv is a matrix product over the [R*H*W, C] pixel rows (gemm.h),
+// the BN and ReLU run as two fused passes over its output.
 
-// The per-group moments of the dense rows z [R, pixels, O] into mean / var [G, O].
+// The three products of a 1x1 layer with weight w [O, C] over M pixel rows, threads splitting
+// the output rows (no reductions across threads: the values do not depend on the thread
+// count). Operands dense and row-major.
+constexpr int64_t kProductRows = 48;  // output rows per task, a multiple of the 6-row tiles
+
+// out [M, N] = a [M, K] b [K, N]
 template <typename T>
-void pw_moments(const RowChunks& ch, const T* zp, int64_t pixels, int64_t O, T* mean, T* var) {
-  std::vector<double> sum(ch.count() * O, 0.0), sq(ch.count() * O, 0.0);
+void product_rows(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t N) {
+  at::parallel_for(0, (M + kProductRows - 1) / kProductRows, 1, [&](int64_t b0, int64_t e0) {
+    const int64_t r0 = b0 * kProductRows, r1 = std::min(M, e0 * kProductRows);
+    k_gemm(a + r0 * K, K, 1, b, N, out + r0 * N, N, r1 - r0, K, N, false, gemm::Store{});
+  });
+}
+
+// Chunks of whole images for the forward product (a task each): at most 64 / groups per group,
+// as make_chunks, and about kProductRows pixel rows or more each.
+inline RowChunks product_chunks(int64_t R, int64_t groups, int64_t pixels) {
+  const int64_t n = R / groups;
+  const int64_t per = std::min({n, std::max<int64_t>(1, 64 / groups),
+                                n * pixels / kProductRows});
+  return {groups, n, std::max<int64_t>(per, 1)};
+}
+
+// The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
+// the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
+// epilogue(i) (gemm.h: Store, Moments).
+template <typename T, typename F>
+at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const RowChunks& ch,
+                      int64_t pixels, const F& epilogue) {
+  const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
+  const at::Tensor x = x2d.contiguous(), w = weight.contiguous();
+  const T* wp = w.const_data_ptr<T>();
+  const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
+  for (int64_t o = 0; o < O; ++o)
+    for (int64_t c = 0; c < C; ++c) wt[c * O + o] = wp[o * C + c];
+  at::Tensor z = at::empty({M, O}, x2d.options());
+  const T* xp = x.const_data_ptr<T>();
+  T* zp = z.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
-    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-      k_moments(zp + r * pixels * O, pixels, O, sum.data() + i * O, sq.data() + i * O);
+    const int64_t r0 = ch.begin(i) * pixels, r1 = ch.end(i) * pixels;
+    k_gemm(xp + r0 * C, C, 1, wt.get(), O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
+  });
+  return z;
+}
+
+// pw_forward of the raw output z [R * pixels, O] alone.
+template <typename T>
+at::Tensor pw_forward_raw(const at::Tensor& x2d, const at::Tensor& weight, int64_t R,
+                          int64_t groups, int64_t pixels) {
+  return pw_forward<T>(x2d, weight, product_chunks(R, groups, pixels), pixels,
+                       [](int64_t) { return gemm::Store{}; });
+}
+
+// pw_forward of the raw output z [R * pixels, O] with the per-group batch moments of z
+// (training) into mean / var [G, O], taken from the tiles.
+template <typename T>
+at::Tensor pw_forward_moments(const at::Tensor& x2d, const at::Tensor& weight, int64_t R,
+                              int64_t groups, int64_t pixels, T* mean, T* var) {
+  const int64_t O = weight.size(0);
+  const RowChunks ch = product_chunks(R, groups, pixels);
+  std::vector<double> sum(ch.count() * O, 0.0), sq(ch.count() * O, 0.0);
+  at::Tensor z = pw_forward<T>(x2d, weight, ch, pixels, [&](int64_t i) {
+    return gemm::Moments{sum.data() + i * O, sq.data() + i * O};
   });
   reduce_moments<T>(ch, O, sum, sq, double(ch.rows_per_group * pixels), mean, var);
+  return z;
+}
+
+// dx [M, C] = dz [M, O] w (the input gradient)
+template <typename T>
+at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
+  const int64_t M = dz.size(0), O = dz.size(1), C = weight.size(1);
+  const at::Tensor d = dz.contiguous(), w = weight.contiguous();
+  at::Tensor dx = at::empty({M, C}, dz.options());
+  product_rows<T>(d.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), M, O, C);
+  return dx;
+}
+
+// dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place. Tasks
+// take a range of 6-row output tiles and one of `slices` fixed, consecutive ranges of pixel
+// rows (more than one where the output has too few tiles to share), summed in blocks of
+// kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
+// only, so the values do not depend on the thread count.
+constexpr int64_t kReduceRows = 128;
+
+inline int64_t weight_grad_slices(int64_t M, int64_t O) {
+  if ((O + 5) / 6 >= 8) return 1;
+  return std::clamp<int64_t>(M / 1024, 1, kWeightSlices);
+}
+
+template <typename T>
+at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
+  const int64_t M = dz.size(0), O = dz.size(1), C = x2d.size(1);
+  const at::Tensor d = dz.contiguous(), x = x2d.contiguous();
+  at::Tensor dw = at::empty({O, C}, dz.options());
+  const T* dp = d.const_data_ptr<T>();
+  const T* xp = x.const_data_ptr<T>();
+  const int64_t tiles = (O + 5) / 6, slices = weight_grad_slices(M, O);
+  const std::unique_ptr<T[]> part = scratch<T>(slices > 1 ? slices * O * C : 0);
+  at::parallel_for(0, slices * tiles, 1, [&](int64_t b0, int64_t e0) {
+    for (int64_t task = b0; task < e0; ++task) {
+      const int64_t j = task / tiles, o0 = task % tiles * 6, o1 = std::min(O, o0 + 6);
+      const int64_t m_begin = j * M / slices, m_end = (j + 1) * M / slices;
+      T* out = (slices > 1 ? part.get() + j * O * C : dw.data_ptr<T>()) + o0 * C;
+      if (m_begin == m_end) std::fill(out, out + (o1 - o0) * C, T(0));
+      for (int64_t m0 = m_begin; m0 < m_end; m0 += kReduceRows)
+        k_gemm(dp + m0 * O + o0, 1, O, xp + m0 * C, C, out, C, o1 - o0,
+               std::min(kReduceRows, m_end - m0), C, m0 > m_begin, gemm::Store{});
+    }
+  });
+  if (slices > 1) {
+    T* wp = dw.data_ptr<T>();
+    at::parallel_for(0, O * C, 1024, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) {
+        T acc = part[i];
+        for (int64_t j = 1; j < slices; ++j) acc += part[j * O * C + i];
+        wp[i] = acc;
+      }
+    });
+  }
+  return dw;
 }
 
 // The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp) and
@@ -887,26 +1009,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
     const at::Tensor& var_in, int64_t groups, double eps, bool training) {
   check_pwconv_bn_relu(x_in, weight, mean_in, var_in, groups);
   const at::Tensor x = rows_last(x_in);
-  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
+  const int64_t R = x.size(0), H = x.size(2), W = x.size(3), O = weight.size(0);
   const int64_t pixels = H * W;
-  const at::Tensor x2d = pixel_rows(x);
-  at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());  // [R*H*W, O]
-  at::Tensor y = training ? at::empty_like(z) : z;
+  at::Tensor z, y;
   at::Tensor mean = at::empty({groups, O}, x.options());
   at::Tensor var = at::empty({groups, O}, x.options());
   if (!training) {
     mean.copy_(mean_in);
     var.copy_(var_in);
   }
-  const RowChunks ch = make_chunks(R, groups);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_cpu", [&] {
     using T = scalar_t;
+    T* mp = mean.data_ptr<T>();
+    z = training ? pw_forward_moments<T>(pixel_rows(x), weight, R, groups, pixels, mp,
+                                         var.data_ptr<T>())
+                 : pw_forward_raw<T>(pixel_rows(x), weight, R, groups, pixels);
+    y = training ? at::empty_like(z) : z;
     T* zp = z.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const int64_t img = pixels * O;
-    if (training) pw_moments<T>(ch, zp, pixels, O, mean.data_ptr<T>(), var.data_ptr<T>());
     const std::vector<T> rstd = rstd_of<T>(var.const_data_ptr<T>(), groups * O, eps);
-    const T* mp = mean.const_data_ptr<T>();
+    const RowChunks ch = make_chunks(R, groups);
     for_chunks(ch, [&](int64_t i) {
       const int64_t g = ch.group(i);
       for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
@@ -934,6 +1057,7 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
   // the sign source of the ReLU mask and the xhat of the BN backward
   const at::Tensor xh = rows_last(training ? xhat_in : y_in);
   at::Tensor dz = at::empty({R * pixels, O}, x.options());
+  at::Tensor dx, dw;
   const RowChunks ch = make_chunks(R, groups);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_backward_cpu", [&] {
     using T = scalar_t;
@@ -941,10 +1065,9 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
     const std::vector<T> rstd = rstd_of<T>(v.const_data_ptr<T>(), v.numel(), eps);
     pw_dz<T>(ch, true, dy.const_data_ptr<T>(), xh.const_data_ptr<T>(), nullptr, rstd.data(),
              pixels, O, training, dz.data_ptr<T>());
+    dx = pw_input_grad<T>(dz, weight);         // [R*H*W, C]
+    dw = pw_weight_grad<T>(dz, pixel_rows(x));  // [O, C]
   });
-  const at::Tensor x2d = pixel_rows(x);
-  at::Tensor dx = at::mm(dz, weight.reshape({O, C}));  // [R*H*W, C]
-  at::Tensor dw = at::mm(dz.t(), x2d);                  // [O, C]
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
 }
 
@@ -1029,11 +1152,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       if (layers[i] == 0) {
         check_pwconv_bn_relu(in.s, weights[i], m_in, v_in, groups);
         if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
-        const int64_t R = in.s.size(0), C = in.s.size(1), H = in.s.size(2), W = in.s.size(3);
-        const at::Tensor z = at::mm(pixel_rows(in.s), weights[i].reshape({Ci, C}).t());
-        if (training)
-          pw_moments<T>(make_chunks(R, groups), z.const_data_ptr<T>(), H * W, Ci,
-                        m.data_ptr<T>(), v.data_ptr<T>());
+        const int64_t R = in.s.size(0), H = in.s.size(2), W = in.s.size(3);
+        const at::Tensor z =
+            training ? pw_forward_moments<T>(pixel_rows(in.s), weights[i], R, groups, H * W,
+                                             m.data_ptr<T>(), v.data_ptr<T>())
+                     : pw_forward_raw<T>(pixel_rows(in.s), weights[i], R, groups, H * W);
         out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
       } else {
         check_dwconv_bn(in.s, weights[i], m_in, v_in, layers[i], groups);
@@ -1116,8 +1239,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
                  out.shift.const_data_ptr<T>(), out.scale.const_data_ptr<T>(), pixels, O,
                  training, dz.data_ptr<T>(), out_sums.get());
         if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
-        grad_w[j] = at::mm(dz.t(), pixel_rows(in.s)).view({O, C, 1, 1});
-        g = at::mm(dz, weights[j].reshape({O, C})).view({R, H, W, C}).permute({0, 3, 1, 2});
+        grad_w[j] = pw_weight_grad<T>(dz, pixel_rows(in.s)).view({O, C, 1, 1});
+        g = pw_input_grad<T>(dz, weights[j]).view({R, H, W, C}).permute({0, 3, 1, 2});
       } else {
         const DwShape s = dw_shape(in.s, weights[j], layers[j]);
         const at::Tensor wc = weights[j].contiguous();

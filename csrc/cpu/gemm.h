@@ -1,0 +1,183 @@
+// Register-tiled matrix products for the 1x1 layers of the CPU bodies (block_cpu.cpp).
+//
+// The 1x1 convs of the SPOS blocks are thin products: tens of thousands of pixel rows times
+// 32-320 channels. A BLAS sgemm spends a large share of such a product packing its operands
+// and zeroing its output first (at::mm measured 68-99 GFLOP/s on one core of the development
+// machine for these shapes, this kernel 89-102: README, "Performance"). Here the rows of A
+// are read in place and broadcast, the rows of B are read as vectors, and each output tile
+// stays in registers for the whole reduction over k:
+//
+//   C[r, n] (+)= sum_k A[r, k] * B[k, n],   A element (r, k) at a[r * ars + k * aks],
+//                                          B row k at b + k * ldb, C row r at c + r * ldc.
+//
+// The strides of A cover both uses: the products of the forward and of the input gradient
+// (A row-major: ars = K, aks = 1) and the weight gradient dW = dZ^T X (A = dZ read transposed:
+// ars = 1, aks = ld of dZ). Every output element is one sum over k in increasing order, so the
+// results do not depend on the tiling or the thread count.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+namespace fastshift {
+namespace gemm {
+
+// GCC/Clang vector of `Bytes` bytes of T (a register of that width where the clone has one).
+template <typename T, int Bytes>
+struct Vec {
+  typedef T type __attribute__((vector_size(Bytes)));
+};
+
+template <typename V, typename T>
+inline V load(const T* p) {
+  V v;
+  std::memcpy(&v, p, sizeof(V));
+  return v;
+}
+
+template <typename V, typename T>
+inline void store(T* p, const V& v) {
+  std::memcpy(p, &v, sizeof(V));
+}
+
+// What a tile does with its sums (`n`: the tile's first column, for per-column arrays).
+// Store: writes them. Moments: writes them and adds each column's sum and sum of squares over
+// the tile's rows to sum[n] and sq[n] (double; the tile's rows added in T first), so the
+// BatchNorm statistics of a 1x1 layer's output cost no pass of their own.
+struct Store {
+  template <typename V, typename T, int RB, int NV>
+  void operator()(V (&acc)[RB][NV], T* c, int64_t ldc, int64_t) const {
+    constexpr int L = sizeof(V) / sizeof(T);
+    for (int r = 0; r < RB; ++r)
+      for (int v = 0; v < NV; ++v) store(c + r * ldc + v * L, acc[r][v]);
+  }
+};
+
+struct Moments {
+  double* sum;
+  double* sq;
+  template <typename V, typename T, int RB, int NV>
+  void operator()(V (&acc)[RB][NV], T* c, int64_t ldc, int64_t n) const {
+    Store{}(acc, c, ldc, n);
+    constexpr int L = sizeof(V) / sizeof(T);
+    for (int v = 0; v < NV; ++v) {
+      V s = acc[0][v], q = acc[0][v] * acc[0][v];
+      for (int r = 1; r < RB; ++r) {
+        s += acc[r][v];
+        q += acc[r][v] * acc[r][v];
+      }
+      if constexpr (L == 1) {
+        sum[n + v] += double(s);
+        sq[n + v] += double(q);
+      } else {
+        using D = typename Vec<double, L * sizeof(double)>::type;
+        double* ps = sum + n + v * L;
+        double* pq = sq + n + v * L;
+        store<D>(ps, load<D>(ps) + __builtin_convertvector(s, D));
+        store<D>(pq, load<D>(pq) + __builtin_convertvector(q, D));
+      }
+    }
+  }
+};
+
+// One RB x (NV * lanes of V) tile of C over k in [0, K), columns from n; V may be T itself
+// (a column tail).
+template <typename V, typename T, int RB, int NV, bool Accumulate, typename E>
+inline void tile(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                 int64_t ldc, int64_t K, int64_t n, const E& epilogue) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  V acc[RB][NV];
+  for (int r = 0; r < RB; ++r)
+    for (int v = 0; v < NV; ++v)
+      acc[r][v] = Accumulate ? load<V>(c + r * ldc + v * L) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V bv[NV];
+    for (int v = 0; v < NV; ++v) bv[v] = load<V>(b + k * ldb + v * L);
+    for (int r = 0; r < RB; ++r) {
+      const V av = V{} + a[r * ars + k * aks];  // broadcast
+      for (int v = 0; v < NV; ++v) acc[r][v] += av * bv[v];
+    }
+  }
+  epilogue(acc, c, ldc, n);
+}
+
+// RB rows of C, all N columns: tiles of NVmax vectors, then narrower ones, then single
+// columns.
+template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
+inline void row_tile(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                     int64_t ldc, int64_t K, int64_t N, const E& e) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  int64_t n = 0;
+  for (; n + NVmax * L <= N; n += NVmax * L)
+    tile<V, T, RB, NVmax, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
+  if constexpr (NVmax > 1) {
+    const int64_t left = (N - n) / L;  // at most NVmax - 1 vectors remain
+    if constexpr (NVmax > 3) {
+      if (left == 3) tile<V, T, RB, 3, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
+    }
+    if constexpr (NVmax > 2) {
+      if (left == 2) tile<V, T, RB, 2, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
+    }
+    if (left == 1) tile<V, T, RB, 1, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
+    n += left * L;
+  }
+  for (; n < N; ++n) tile<T, T, RB, 1, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
+}
+
+// Rows [0, M) of C: tiles of RB rows, then one tile of the rows left.
+template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
+inline void product(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                    int64_t ldc, int64_t M, int64_t K, int64_t N, const E& e) {
+  int64_t r = 0;
+  for (; r + RB <= M; r += RB)
+    row_tile<V, T, RB, NVmax, Accumulate>(a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, N,
+                                          e);
+  if constexpr (RB > 1) {
+    if (M - r > 0)  // 1 <= rows left < RB: the tile of that height
+      [&]<int... I>(std::integer_sequence<int, I...>) {
+        ((M - r == I + 1 ? row_tile<V, T, I + 1, NVmax, Accumulate>(
+                               a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, N, e)
+                         : void()),
+         ...);
+      }(std::make_integer_sequence<int, RB - 1>{});
+  }
+}
+
+// Whether to use the tiles sized for 32 vector registers of 64 bytes (AVX-512): 6 x 4 vectors
+// of 64 bytes; otherwise 6 x 2 of 32 bytes (16 AVX2 registers). In both the accumulators, the
+// B row and the broadcast A value stay in registers. FASTSHIFT_CPU_GEMM=narrow forces the
+// narrow tiles (tests run both on an AVX-512 machine).
+inline bool wide_registers() {
+#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
+  static const bool wide = [] {
+    const char* force = std::getenv("FASTSHIFT_CPU_GEMM");
+    return __builtin_cpu_supports("avx512f") && !(force && std::strcmp(force, "narrow") == 0);
+  }();
+  return wide;
+#else
+  return false;
+#endif
+}
+
+// C (+)= A B over the given strides (see the top of this file), each tile's sums handed to
+// `e` (Store, Moments); no threads here.
+template <typename T, typename E = Store>
+inline void multiply(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                     int64_t ldc, int64_t M, int64_t K, int64_t N, bool accumulate,
+                     const E& e = {}) {
+  if (wide_registers()) {
+    using V = typename Vec<T, 64>::type;
+    if (accumulate) product<V, T, 6, 4, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    else product<V, T, 6, 4, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+  } else {
+    using V = typename Vec<T, 32>::type;
+    if (accumulate) product<V, T, 6, 2, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    else product<V, T, 6, 2, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+  }
+}
+
+}  // namespace gemm
+}  // namespace fastshift
