@@ -85,21 +85,11 @@ struct Block {
 // 32-byte GCC/Clang vector of T: lowered to one AVX register in the x86-64-v3 clone and to two
 // SSE registers in the generic one.
 template <typename T>
-struct VecOf {
-  typedef T type __attribute__((vector_size(32)));
-};
+using VecOf = gemm::Vec<T, 32>;
 
-template <typename V, typename T>
-inline V load(const T* p) {
-  V v;
-  std::memcpy(&v, p, sizeof(V));
-  return v;
-}
-
-template <typename V, typename T>
-inline void store(T* p, const V& v) {
-  std::memcpy(p, &v, sizeof(V));
-}
+// Unaligned vector (or scalar) loads and stores, as the products use them.
+using gemm::load;
+using gemm::store;
 
 // Calls f(Block<V, NV>{}, c0) over the channels: blocks of two vectors (64 bytes, one cache
 // line), then one vector, then single channels, so every inner loop has a compile-time trip
