@@ -846,12 +846,13 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
 
 // ---------------------------------------------------------------------------------------------
 // pwconv_bn_relu: the 1x1 conv is a matrix product over the [R*H*W, C] pixel rows (gemm.h),
-// the BN and ReLU run as two fused passes over its output.
+// whose output tiles also give the BN batch moments; the normalisation and ReLU are one pass
+// over its output.
 
 // The three products of a 1x1 layer with weight w [O, C] over M pixel rows, threads splitting
 // the output rows (no reductions across threads: the values do not depend on the thread
 // count). Operands dense and row-major.
-constexpr int64_t kProductRows = 48;  // output rows per task, a multiple of the 6-row tiles
+constexpr int64_t kProductRows = 8 * gemm::kTileRows;  // output rows per task
 
 // out [M, N] = a [M, K] b [K, N]
 template <typename T>
@@ -927,14 +928,14 @@ at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
 }
 
 // dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place. Tasks
-// take a range of 6-row output tiles and one of `slices` fixed, consecutive ranges of pixel
-// rows (more than one where the output has too few tiles to share), summed in blocks of
+// take an output tile (gemm::kTileRows rows) and one of `slices` fixed, consecutive ranges of
+// pixel rows (more than one where the output has too few tiles to share), summed in blocks of
 // kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
 // only, so the values do not depend on the thread count.
 constexpr int64_t kReduceRows = 128;
 
 inline int64_t weight_grad_slices(int64_t M, int64_t O) {
-  if ((O + 5) / 6 >= 8) return 1;
+  if ((O + gemm::kTileRows - 1) / gemm::kTileRows >= 8) return 1;
   return std::clamp<int64_t>(M / 1024, 1, kWeightSlices);
 }
 
@@ -945,11 +946,12 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
   at::Tensor dw = at::empty({O, C}, dz.options());
   const T* dp = d.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
-  const int64_t tiles = (O + 5) / 6, slices = weight_grad_slices(M, O);
+  constexpr int64_t rows = gemm::kTileRows;
+  const int64_t tiles = (O + rows - 1) / rows, slices = weight_grad_slices(M, O);
   const std::unique_ptr<T[]> part = scratch<T>(slices > 1 ? slices * O * C : 0);
   at::parallel_for(0, slices * tiles, 1, [&](int64_t b0, int64_t e0) {
     for (int64_t task = b0; task < e0; ++task) {
-      const int64_t j = task / tiles, o0 = task % tiles * 6, o1 = std::min(O, o0 + 6);
+      const int64_t j = task / tiles, o0 = task % tiles * rows, o1 = std::min(O, o0 + rows);
       const int64_t m_begin = j * M / slices, m_end = (j + 1) * M / slices;
       T* out = (slices > 1 ? part.get() + j * O * C : dw.data_ptr<T>()) + o0 * C;
       if (m_begin == m_end) std::fill(out, out + (o1 - o0) * C, T(0));

@@ -1,10 +1,11 @@
 // Register-tiled matrix products for the 1x1 layers of the CPU bodies (block_cpu.cpp).
 //
-// The 1x1 convs of the SPOS blocks are thin products: tens of thousands of pixel rows times
-// 32-320 channels. A BLAS sgemm spends a large share of such a product packing its operands
-// and zeroing its output first (at::mm measured 68-99 GFLOP/s on one core of the development
-// machine for these shapes, this kernel 89-102: README, "Performance"). Here the rows of A
-// are read in place and broadcast, the rows of B are read as vectors, and each output tile
+// The 1x1 convs of the SPOS blocks are thin products: up to tens of thousands of pixel rows
+// times 16-320 channels. A BLAS sgemm spends a large share of such a product packing its
+// operands and zeroing its output first (MKL's sgemm measured 51-100 GFLOP/s on one core of
+// the development machine for these shapes, this kernel 65-114: benchmarks/bench_gemm.py).
+// Here the rows of A are read in place and broadcast, the rows of B are read as vectors, and
+// each output tile
 // stays in registers for the whole reduction over k:
 //
 //   C[r, n] (+)= sum_k A[r, k] * B[k, n],   A element (r, k) at a[r * ars + k * aks],
@@ -12,8 +13,9 @@
 //
 // The strides of A cover both uses: the products of the forward and of the input gradient
 // (A row-major: ars = K, aks = 1) and the weight gradient dW = dZ^T X (A = dZ read transposed:
-// ars = 1, aks = ld of dZ). Every output element is one sum over k in increasing order, so the
-// results do not depend on the tiling or the thread count.
+// ars = 1, aks = ld of dZ). Every output element is one sum over k in increasing order; the
+// compiler contracts its steps into FMAs, which it may do differently in different tile shapes
+// and epilogues, so a result depends on the shapes (and the epilogue), never on the threads.
 #pragma once
 
 #include <algorithm>
@@ -146,6 +148,9 @@ inline void product(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ld
   }
 }
 
+// Rows of C per register tile (both tilings); callers align their row splits to it.
+constexpr int kTileRows = 6;
+
 // Whether to use the tiles sized for 32 vector registers of 64 bytes (AVX-512): 6 x 4 vectors
 // of 64 bytes; otherwise 6 x 2 of 32 bytes (16 AVX2 registers). In both the accumulators, the
 // B row and the broadcast A value stay in registers. FASTSHIFT_CPU_GEMM=narrow forces the
@@ -170,12 +175,12 @@ inline void multiply(const T* a, int64_t ars, int64_t aks, const T* b, int64_t l
                      const E& e = {}) {
   if (wide_registers()) {
     using V = typename Vec<T, 64>::type;
-    if (accumulate) product<V, T, 6, 4, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
-    else product<V, T, 6, 4, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    if (accumulate) product<V, T, kTileRows, 4, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    else product<V, T, kTileRows, 4, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
   } else {
     using V = typename Vec<T, 32>::type;
-    if (accumulate) product<V, T, 6, 2, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
-    else product<V, T, 6, 2, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    if (accumulate) product<V, T, kTileRows, 2, true>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
+    else product<V, T, kTileRows, 2, false>(a, ars, aks, b, ldb, c, ldc, M, K, N, e);
   }
 }
 
