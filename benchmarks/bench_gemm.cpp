@@ -64,9 +64,11 @@ double max_rel_diff(const std::vector<float>& a, const std::vector<float>& b) {
 
 int main() {
   // (M, C, O): batch 64 at 64x64 input, the four stages' 1x1 layers (16x16 .. 2x2 maps) and
-  // the first stage's 16-channel layer at 32x32; then batch 128 (validation) for two stages
+  // the first stage's 16-channel layer at 32x32; then batch 128 (validation) for two stages;
+  // then the last 1x1 layer (conv_last, 640 -> 1024 at 2x2) at batch 64 and 128
   const int shapes[][3] = {{16384, 32, 32}, {4096, 80, 80},   {1024, 160, 160}, {256, 320, 320},
-                           {65536, 16, 16}, {32768, 32, 32}, {8192, 80, 80}};
+                           {65536, 16, 16}, {32768, 32, 32}, {8192, 80, 80},
+                           {256, 640, 1024}, {512, 640, 1024}};
   std::mt19937 gen(0);
   std::uniform_real_distribution<float> uni(-1.f, 1.f);
   const float one = 1, zero = 0;

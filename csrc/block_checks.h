@@ -111,9 +111,30 @@ inline at::Tensor empty_rows_last(int64_t R, int64_t C, int64_t H, int64_t W,
   return at::empty({R, H, W, C}, like.options()).permute({0, 3, 1, 2});
 }
 
-// The [R*H*W, C] pixel rows of an [R, C, H, W] tensor (a view when it is channels-last).
+// The [R*H*W, C] pixel rows of an [R, C, H, W] tensor, dense (a view when it is channels-last).
 inline at::Tensor pixel_rows(const at::Tensor& t) {
   return rows_last(t).permute({0, 2, 3, 1}).reshape({-1, t.size(1)});
+}
+
+// pixel_rows, but a view wherever the pixels are evenly spaced with dense channels (stride 1),
+// rows stride(0) apart (pixel_stride): a channels-last tensor, or a channel range of one, as
+// the halves of a split-ready ShuffleNetV2 input; else pixel_rows' dense copy. For kernels that
+// take a row stride (the CPU products).
+inline at::Tensor strided_pixel_rows(const at::Tensor& t) {
+  const int64_t R = t.size(0), C = t.size(1), H = t.size(2), W = t.size(3);
+  if (R * C * H * W > 0 && C > 1 && t.stride(1) == 1) {
+    // the pixel stride, from the first dimension of more than one element
+    const int64_t p = W > 1 ? t.stride(3) : H > 1 ? t.stride(2) : R > 1 ? t.stride(0) : C;
+    if (p >= C && (W == 1 || t.stride(3) == p) && (H == 1 || t.stride(2) == W * p) &&
+        (R == 1 || t.stride(0) == H * W * p))
+      return t.as_strided({R * H * W, C}, {p, 1});
+  }
+  return pixel_rows(t);
+}
+
+// The row stride of a [M, C] pixel-rows matrix with dense channels (strided_pixel_rows).
+inline int64_t pixel_stride(const at::Tensor& rows) {
+  return rows.size(0) > 1 ? rows.stride(0) : rows.size(1);
 }
 
 }  // namespace fastshift

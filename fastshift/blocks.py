@@ -216,10 +216,10 @@ class _Unit(nn.Module):
         if self.stride == 1:
             if shuffled_in:
                 # the halves are channel ranges: x_proj is read in place by shuffle_cat, x_main
-                # is made dense for the branch (a strided matmul operand measured slower than
-                # this copy plus a dense one); one SplitBackward joins both halves' gradients
+                # by the branch's first 1x1 layer on CPU (its products take the pixel stride;
+                # other layers and devices copy it dense inside the op); one SplitBackward
+                # joins both halves' gradients
                 x_proj, x_main = x.split(x.shape[1] // 2, 1)
-                x_main = x_main.contiguous(memory_format=torch.channels_last)
             else:
                 x_proj, x_main = ops.channel_split(x, backend=self.backend)
             a = x_proj

@@ -3,6 +3,8 @@ statistics and gradients over backend x dtype x shape x mode, gradcheck in float
 torch.compile parity, argument errors, and the fused supernet / engine paths against the
 reference backend."""
 
+import functools
+
 import pytest
 import torch
 
@@ -358,7 +360,7 @@ def _run_chain(backend, x, weights, layers, stats, training, grad_out=None):
 @needs_c
 @pytest.mark.parametrize("backend,device,dtype,case", list(_chain_cases()))
 @pytest.mark.parametrize("training", [True, False])
-@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous"])
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channel_range"])
 def test_conv_bn_chain_matches_reference(backend, device, dtype, case, training, layout):
     """conv_bn_chain equals the reference chain (the layer ops in turn): output, every layer's
     running statistics, and the gradients of x and every weight."""
@@ -383,6 +385,52 @@ def test_conv_bn_chain_matches_reference(backend, device, dtype, case, training,
     _assert_close(grads[0], grads_ref[0], dtype, "grad x")
     for i in range(len(layers)):
         _assert_close(grads[i + 1], grads_ref[i + 1], dtype, f"grad weight {i}")
+
+
+@needs_c
+@pytest.mark.parametrize("layers", [(0, 2, 0), (0, 1, 0), (1, 0, 1, 0)])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("shape", [(6, 5, 7, 3), (1, 4, 1, 1), (3, 6, 1, 4), (4, 8, 5, 1)])
+def test_cpu_chain_reads_a_channel_range_as_its_dense_copy(layers, training, shape):
+    """A channel range of a channels-last tensor (the main half of a split-ready ShuffleNetV2
+    input), which the CPU bodies of a first 1x1 layer read in place at its pixel stride, gives
+    bit for bit what its dense copy gives: the chain's and the 1x1 layer op's output, running
+    statistics and gradients (x and weights), including maps with a single row or column."""
+    r, c, h, w = shape
+    torch.manual_seed(0)
+    wide = torch.randn(r, 2 * c + 3, h, w).contiguous(memory_format=torch.channels_last)
+    strided = wide[:, c + 3:]
+    dense = strided.contiguous(memory_format=torch.channels_last)
+    weights = [v * 0.3 for v in _chain_weights(list(layers), c, torch.float32, "cpu")]
+    stats = ([torch.randn(1, v.shape[0]) for v in weights],
+             [torch.rand(1, v.shape[0]) + 0.5 for v in weights])
+
+    def run(x):
+        x = x.detach().requires_grad_(True)  # a view keeps its strides
+        ws = [v.clone().requires_grad_(True) for v in weights]
+        means, vars_ = [m.clone() for m in stats[0]], [v.clone() for v in stats[1]]
+        y = ops.conv_bn_chain(x, ws, list(layers), means, vars_, training=training,
+                              momentums=[0.1] * len(layers), backend="cpu")
+        grads = torch.autograd.grad(y, [x] + ws, torch.linspace(-1, 1, y.numel()).view_as(y))
+        return [y, *means, *vars_, *grads]
+
+    def run_layer(x):
+        x = x.detach().requires_grad_(True)  # a view keeps its strides
+        wt = weights[0].clone().requires_grad_(True)
+        mean, var = stats[0][0].clone().view(-1), stats[1][0].clone().view(-1)
+        y = ops.pwconv_bn_relu(x, wt, mean, var, training=training, backend="cpu")
+        return [y, mean, var, *torch.autograd.grad(y, [x, wt], torch.randn(y.shape,
+                generator=torch.Generator().manual_seed(1)))]
+
+    assert strided.stride(1) == 1
+    if r * h * w > 1:  # (a single pixel's channel range is dense)
+        assert not strided.is_contiguous(memory_format=torch.channels_last)
+    same = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
+    for got, want in zip(run(strided), run(dense)):
+        same(got, want)
+    if layers[0] == 0:
+        for got, want in zip(run_layer(strided), run_layer(dense)):
+            same(got, want)
 
 
 @needs_c

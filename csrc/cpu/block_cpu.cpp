@@ -874,22 +874,27 @@ inline RowChunks product_chunks(int64_t R, int64_t groups, int64_t pixels) {
 
 // The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
 // the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
-// epilogue(i) (gemm.h: Store, Moments).
+// epilogue(i) (gemm.h: Store, Moments). x2d: pixel rows with dense channels, read in place
+// at any row stride (strided_pixel_rows).
 template <typename T, typename F>
 at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const RowChunks& ch,
                       int64_t pixels, const F& epilogue) {
   const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
-  const at::Tensor x = x2d.contiguous(), w = weight.contiguous();
+  const int64_t ld = pixel_stride(x2d);
+  const at::Tensor& x = x2d;
+  const at::Tensor w = weight.contiguous();
   const T* wp = w.const_data_ptr<T>();
   const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
-  for (int64_t o = 0; o < O; ++o)
-    for (int64_t c = 0; c < C; ++c) wt[c * O + o] = wp[o * C + c];
+  at::parallel_for(0, O, std::max<int64_t>(16, 16384 / std::max<int64_t>(C, 1)),
+                   [&](int64_t o0, int64_t o1) {
+                     gemm::transpose_rows(wp, O, C, wt.get(), o0, o1);
+                   });
   at::Tensor z = at::empty({M, O}, x2d.options());
   const T* xp = x.const_data_ptr<T>();
   T* zp = z.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
     const int64_t r0 = ch.begin(i) * pixels, r1 = ch.end(i) * pixels;
-    k_gemm(xp + r0 * C, C, 1, wt.get(), O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
+    k_gemm(xp + r0 * ld, ld, 1, wt.get(), O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
   });
   return z;
 }
@@ -927,7 +932,8 @@ at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
   return dx;
 }
 
-// dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place. Tasks
+// dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place and x as
+// pw_forward reads it (any row stride). Tasks
 // take an output tile (gemm::kTileRows rows) and one of `slices` fixed, consecutive ranges of
 // pixel rows (more than one where the output has too few tiles to share), summed in blocks of
 // kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
@@ -941,8 +947,9 @@ inline int64_t weight_grad_slices(int64_t M, int64_t O) {
 
 template <typename T>
 at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
-  const int64_t M = dz.size(0), O = dz.size(1), C = x2d.size(1);
-  const at::Tensor d = dz.contiguous(), x = x2d.contiguous();
+  const int64_t M = dz.size(0), O = dz.size(1), C = x2d.size(1), ld = pixel_stride(x2d);
+  const at::Tensor d = dz.contiguous();
+  const at::Tensor& x = x2d;
   at::Tensor dw = at::empty({O, C}, dz.options());
   const T* dp = d.const_data_ptr<T>();
   const T* xp = x.const_data_ptr<T>();
@@ -956,7 +963,7 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
       T* out = (slices > 1 ? part.get() + j * O * C : dw.data_ptr<T>()) + o0 * C;
       if (m_begin == m_end) std::fill(out, out + (o1 - o0) * C, T(0));
       for (int64_t m0 = m_begin; m0 < m_end; m0 += kReduceRows)
-        k_gemm(dp + m0 * O + o0, 1, O, xp + m0 * C, C, out, C, o1 - o0,
+        k_gemm(dp + m0 * O + o0, 1, O, xp + m0 * ld, ld, out, C, o1 - o0,
                std::min(kReduceRows, m_end - m0), C, m0 > m_begin, gemm::Store{});
     }
   });
@@ -1000,7 +1007,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
     const at::Tensor& x_in, const at::Tensor& weight, const at::Tensor& mean_in,
     const at::Tensor& var_in, int64_t groups, double eps, bool training) {
   check_pwconv_bn_relu(x_in, weight, mean_in, var_in, groups);
-  const at::Tensor x = rows_last(x_in);
+  const at::Tensor& x = x_in;  // read as pixel rows in place where it has their layout
   const int64_t R = x.size(0), H = x.size(2), W = x.size(3), O = weight.size(0);
   const int64_t pixels = H * W;
   at::Tensor z, y;
@@ -1013,9 +1020,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "pwconv_bn_relu_cpu", [&] {
     using T = scalar_t;
     T* mp = mean.data_ptr<T>();
-    z = training ? pw_forward_moments<T>(pixel_rows(x), weight, R, groups, pixels, mp,
-                                         var.data_ptr<T>())
-                 : pw_forward_raw<T>(pixel_rows(x), weight, R, groups, pixels);
+    const at::Tensor rows = strided_pixel_rows(x);
+    z = training ? pw_forward_moments<T>(rows, weight, R, groups, pixels, mp, var.data_ptr<T>())
+                 : pw_forward_raw<T>(rows, weight, R, groups, pixels);
     y = training ? at::empty_like(z) : z;
     T* zp = z.data_ptr<T>();
     T* yp = y.data_ptr<T>();
@@ -1039,7 +1046,7 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
     const at::Tensor& y_in, const at::Tensor& xhat_in, const at::Tensor& var, int64_t groups,
     double eps, bool training) {
   check_pwconv_bn_relu(x_in, weight, var, var, groups);
-  const at::Tensor x = rows_last(x_in);
+  const at::Tensor& x = x_in;  // as in the forward
   const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
   const int64_t pixels = H * W;
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({R, O, H, W}),
@@ -1058,7 +1065,7 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
     pw_dz<T>(ch, true, dy.const_data_ptr<T>(), xh.const_data_ptr<T>(), nullptr, rstd.data(),
              pixels, O, training, dz.data_ptr<T>());
     dx = pw_input_grad<T>(dz, weight);         // [R*H*W, C]
-    dw = pw_weight_grad<T>(dz, pixel_rows(x));  // [O, C]
+    dw = pw_weight_grad<T>(dz, strided_pixel_rows(x));  // [O, C]
   });
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
 }
@@ -1121,7 +1128,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       check_chain("conv_bn_chain", layers, weights, mean_in, var_in, groups);
   check_float_dtype("conv_bn_chain", x_in);  // before the dtype dispatch below
   const size_t n = layers.size();
-  const at::Tensor x = rows_last(x_in);
+  // a first 1x1 layer reads its input's pixel rows in place where they are evenly spaced (the
+  // halves of a split-ready input: strided_pixel_rows); a depthwise one reads channels-last
+  const at::Tensor x = layers[0] == 0 ? x_in : rows_last(x_in);
   const at::TensorOptions opt = x.options();
   const int64_t total = mean_in.size(1);
   at::Tensor mean = at::empty({groups, total}, opt), var = at::empty({groups, total}, opt);
@@ -1145,10 +1154,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
         check_pwconv_bn_relu(in.s, weights[i], m_in, v_in, groups);
         if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
         const int64_t R = in.s.size(0), H = in.s.size(2), W = in.s.size(3);
+        const at::Tensor rows = strided_pixel_rows(in.s);
         const at::Tensor z =
-            training ? pw_forward_moments<T>(pixel_rows(in.s), weights[i], R, groups, H * W,
+            training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W,
                                              m.data_ptr<T>(), v.data_ptr<T>())
-                     : pw_forward_raw<T>(pixel_rows(in.s), weights[i], R, groups, H * W);
+                     : pw_forward_raw<T>(rows, weights[i], R, groups, H * W);
         out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
       } else {
         check_dwconv_bn(in.s, weights[i], m_in, v_in, layers[i], groups);
@@ -1190,7 +1200,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   const size_t n = layers.size();
   TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
               "forward's: every layer's stored output, then the shifts), got ", saved.size());
-  const at::Tensor x = rows_last(x_in);
+  const at::Tensor x = layers[0] == 0 ? x_in : rows_last(x_in);  // as in the forward
   const at::TensorOptions opt = x.options();
   const int64_t total = var.size(1);
   TORCH_CHECK(saved[n].dim() == 2 && saved[n].size(0) == groups && saved[n].size(1) == total,
@@ -1231,7 +1241,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
                  out.shift.const_data_ptr<T>(), out.scale.const_data_ptr<T>(), pixels, O,
                  training, dz.data_ptr<T>(), out_sums.get());
         if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
-        grad_w[j] = pw_weight_grad<T>(dz, pixel_rows(in.s)).view({O, C, 1, 1});
+        grad_w[j] = pw_weight_grad<T>(dz, strided_pixel_rows(in.s)).view({O, C, 1, 1});
         g = pw_input_grad<T>(dz, weights[j]).view({R, H, W, C}).permute({0, 3, 1, 2});
       } else {
         const DwShape s = dw_shape(in.s, weights[j], layers[j]);

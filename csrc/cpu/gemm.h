@@ -106,50 +106,68 @@ inline void tile(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, 
   epilogue(acc, c, ldc, n);
 }
 
-// RB rows of C, all N columns: tiles of NVmax vectors, then narrower ones, then single
-// columns.
-template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
-inline void row_tile(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
-                     int64_t ldc, int64_t K, int64_t N, const E& e) {
-  constexpr int L = sizeof(V) / sizeof(T);
-  int64_t n = 0;
-  for (; n + NVmax * L <= N; n += NVmax * L)
-    tile<V, T, RB, NVmax, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
-  if constexpr (NVmax > 1) {
-    const int64_t left = (N - n) / L;  // at most NVmax - 1 vectors remain
-    if constexpr (NVmax > 3) {
-      if (left == 3) tile<V, T, RB, 3, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
-    }
-    if constexpr (NVmax > 2) {
-      if (left == 2) tile<V, T, RB, 2, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
-    }
-    if (left == 1) tile<V, T, RB, 1, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
-    n += left * L;
-  }
-  for (; n < N; ++n) tile<T, T, RB, 1, Accumulate>(a, ars, aks, b + n, ldb, c + n, ldc, K, n, e);
-}
-
-// Rows [0, M) of C: tiles of RB rows, then one tile of the rows left.
-template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
-inline void product(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
-                    int64_t ldc, int64_t M, int64_t K, int64_t N, const E& e) {
+// Columns [n, n + NV * lanes of V) of rows [0, M) of C: tiles of RB rows, then one tile of the
+// rows left; V may be T itself (a single column).
+template <typename V, typename T, int RB, int NV, bool Accumulate, typename E>
+inline void column_panel(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                         int64_t ldc, int64_t M, int64_t K, int64_t n, const E& e) {
   int64_t r = 0;
   for (; r + RB <= M; r += RB)
-    row_tile<V, T, RB, NVmax, Accumulate>(a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, N,
-                                          e);
+    tile<V, T, RB, NV, Accumulate>(a + r * ars, ars, aks, b + n, ldb, c + r * ldc + n, ldc, K, n,
+                                   e);
   if constexpr (RB > 1) {
     if (M - r > 0)  // 1 <= rows left < RB: the tile of that height
       [&]<int... I>(std::integer_sequence<int, I...>) {
-        ((M - r == I + 1 ? row_tile<V, T, I + 1, NVmax, Accumulate>(
-                               a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, K, N, e)
+        ((M - r == I + 1 ? tile<V, T, I + 1, NV, Accumulate>(a + r * ars, ars, aks, b + n, ldb,
+                                                            c + r * ldc + n, ldc, K, n, e)
                          : void()),
          ...);
       }(std::make_integer_sequence<int, RB - 1>{});
   }
 }
 
+// Rows [0, M) of C (M at most kBlockRows, below), all N columns, one column panel after the
+// other: panels of NVmax vectors, then one narrower panel, then single columns. Each panel of
+// B (K x NVmax vectors) is read by every row tile of the block while it is in cache, so B need
+// not fit in cache as a whole (the network's last 1x1 layer has a 2.6 MB weight); the block's
+// rows of A (at most kBlockRows x K) are read once per panel and stay in cache.
+template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
+inline void row_block(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                      int64_t ldc, int64_t M, int64_t K, int64_t N, const E& e) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  int64_t n = 0;
+  for (; n + NVmax * L <= N; n += NVmax * L)
+    column_panel<V, T, RB, NVmax, Accumulate>(a, ars, aks, b, ldb, c, ldc, M, K, n, e);
+  if constexpr (NVmax > 1) {
+    const int64_t left = (N - n) / L;  // at most NVmax - 1 vectors remain
+    if constexpr (NVmax > 3) {
+      if (left == 3) column_panel<V, T, RB, 3, Accumulate>(a, ars, aks, b, ldb, c, ldc, M, K, n, e);
+    }
+    if constexpr (NVmax > 2) {
+      if (left == 2) column_panel<V, T, RB, 2, Accumulate>(a, ars, aks, b, ldb, c, ldc, M, K, n, e);
+    }
+    if (left == 1) column_panel<V, T, RB, 1, Accumulate>(a, ars, aks, b, ldb, c, ldc, M, K, n, e);
+    n += left * L;
+  }
+  for (; n < N; ++n) column_panel<T, T, RB, 1, Accumulate>(a, ars, aks, b, ldb, c, ldc, M, K, n, e);
+}
+
 // Rows of C per register tile (both tilings); callers align their row splits to it.
 constexpr int kTileRows = 6;
+
+// Rows of C per row block (a multiple of kTileRows).
+constexpr int64_t kBlockRows = 16 * kTileRows;
+
+// All of C: row blocks of kBlockRows rows in turn. Every output element is the same sum in
+// any blocking (the tile shape of a column and of the last rows depend on N and M only), and
+// the Moments epilogue meets the tiles of a column in row order.
+template <typename V, typename T, int RB, int NVmax, bool Accumulate, typename E>
+inline void product(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,
+                    int64_t ldc, int64_t M, int64_t K, int64_t N, const E& e) {
+  for (int64_t r = 0; r < M; r += kBlockRows)
+    row_block<V, T, RB, NVmax, Accumulate>(a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc,
+                                           std::min(kBlockRows, M - r), K, N, e);
+}
 
 // Whether to use the tiles sized for 32 vector registers of 64 bytes (AVX-512): 6 x 4 vectors
 // of 64 bytes; otherwise 6 x 2 of 32 bytes (16 AVX2 registers). In both the accumulators, the
@@ -165,6 +183,22 @@ inline bool wide_registers() {
 #else
   return false;
 #endif
+}
+
+// dst [cols, rows] = src [rows, cols]^T (both dense) for rows [r0, r1) of src, in square
+// blocks so that both sides are read and written a cache line at a time (a plain loop writes
+// with a stride of `rows` elements and missed the cache on nearly every element of the 2.6 MB
+// last-layer weight: milliseconds per call).
+template <typename T>
+inline void transpose_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t r0,
+                           int64_t r1) {
+  constexpr int64_t kB = 16;
+  for (int64_t i0 = r0; i0 < r1; i0 += kB)
+    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
+      const int64_t i1 = std::min(r1, i0 + kB), j1 = std::min(cols, j0 + kB);
+      for (int64_t j = j0; j < j1; ++j)
+        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
+    }
 }
 
 // C (+)= A B over the given strides (see the top of this file), each tile's sums handed to
