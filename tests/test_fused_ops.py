@@ -65,17 +65,19 @@ def _cases(shapes):
 
 
 def _input(shape, dtype, device, layout):
+    """An input of that layout in dtype on device (drawn in float64 and converted first, so the
+    conversion cannot make a strided layout dense)."""
     r, c, h, w = shape
     if layout == "noncontiguous":  # every other channel of a wider tensor
-        x = torch.randn(r, 2 * c, h, w, dtype=torch.float64)[:, 1::2]
+        x = torch.randn(r, 2 * c, h, w, dtype=torch.float64).to(device, dtype)[:, 1::2]
     elif layout == "channel_range":  # second half of a split-ready (shuffle_cat) tensor
-        x = torch.randn(r, 2 * c + 1, h, w, dtype=torch.float64)
+        x = torch.randn(r, 2 * c + 1, h, w, dtype=torch.float64).to(device, dtype)
         x = x.contiguous(memory_format=torch.channels_last)[:, c + 1:]
     else:
-        x = torch.randn(r, c, h, w, dtype=torch.float64)
+        x = torch.randn(r, c, h, w, dtype=torch.float64).to(device, dtype)
         if layout == "channels_last":
             x = x.contiguous(memory_format=torch.channels_last)
-    return x.to(device, dtype)
+    return x
 
 
 def _assert_close(got, want, dtype, what):
@@ -87,7 +89,7 @@ def _assert_close(got, want, dtype, what):
 
 def _run(op, backend, x, weight, stats, extra, training, grad_out=None):
     mean, var = (s.clone() for s in stats)
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().requires_grad_(True)  # keeps x's layout (a clone would make a view dense)
     weight = weight.detach().clone().requires_grad_(True)
     y = op(x, weight, *extra, mean, var, groups=stats[0].shape[0], training=training,
            backend=backend)
@@ -348,7 +350,7 @@ def _chain_cases():
 
 def _run_chain(backend, x, weights, layers, stats, training, grad_out=None):
     means, vars_ = [m.clone() for m in stats[0]], [v.clone() for v in stats[1]]
-    x = x.detach().clone().requires_grad_(True)
+    x = x.detach().requires_grad_(True)  # keeps x's layout, as in _run
     weights = [w.detach().clone().requires_grad_(True) for w in weights]
     y = ops.conv_bn_chain(x, weights, layers, means, vars_, groups=stats[0][0].shape[0],
                           training=training, momentums=[0.1 * (i + 1) for i in range(len(layers))],
@@ -405,22 +407,17 @@ def test_cpu_chain_reads_a_channel_range_as_its_dense_copy(layers, training, sha
     stats = ([torch.randn(1, v.shape[0]) for v in weights],
              [torch.rand(1, v.shape[0]) + 0.5 for v in weights])
 
-    def run(x):
-        x = x.detach().requires_grad_(True)  # a view keeps its strides
-        ws = [v.clone().requires_grad_(True) for v in weights]
-        means, vars_ = [m.clone() for m in stats[0]], [v.clone() for v in stats[1]]
-        y = ops.conv_bn_chain(x, ws, list(layers), means, vars_, training=training,
-                              momentums=[0.1] * len(layers), backend="cpu")
-        grads = torch.autograd.grad(y, [x] + ws, torch.linspace(-1, 1, y.numel()).view_as(y))
+    def run(x):  # (_run_chain and _run keep x's strides)
+        y = _run_chain("cpu", x, weights, layers, stats, training)[0]
+        g = torch.linspace(-1, 1, y.numel()).view_as(y)
+        y, means, vars_, grads = _run_chain("cpu", x, weights, layers, stats, training, g)
         return [y, *means, *vars_, *grads]
 
     def run_layer(x):
-        x = x.detach().requires_grad_(True)  # a view keeps its strides
-        wt = weights[0].clone().requires_grad_(True)
-        mean, var = stats[0][0].clone().view(-1), stats[1][0].clone().view(-1)
-        y = ops.pwconv_bn_relu(x, wt, mean, var, training=training, backend="cpu")
-        return [y, mean, var, *torch.autograd.grad(y, [x, wt], torch.randn(y.shape,
-                generator=torch.Generator().manual_seed(1)))]
+        g = torch.linspace(-1, 1, r * weights[0].shape[0] * h * w).view(r, -1, h, w)
+        y, mean, var, grads = _run(ops.pwconv_bn_relu, "cpu", x, weights[0],
+                                   (stats[0][0], stats[1][0]), (), training, g)
+        return [y, mean, var, *grads]
 
     assert strided.stride(1) == 1
     if r * h * w > 1:  # (a single pixel's channel range is dense)

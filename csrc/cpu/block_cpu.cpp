@@ -881,7 +881,6 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
                       int64_t pixels, const F& epilogue) {
   const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
   const int64_t ld = pixel_stride(x2d);
-  const at::Tensor& x = x2d;
   const at::Tensor w = weight.contiguous();
   const T* wp = w.const_data_ptr<T>();
   const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
@@ -890,7 +889,7 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
                      gemm::transpose_rows(wp, O, C, wt.get(), o0, o1);
                    });
   at::Tensor z = at::empty({M, O}, x2d.options());
-  const T* xp = x.const_data_ptr<T>();
+  const T* xp = x2d.const_data_ptr<T>();
   T* zp = z.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
     const int64_t r0 = ch.begin(i) * pixels, r1 = ch.end(i) * pixels;
@@ -933,10 +932,9 @@ at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
 }
 
 // dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place and x as
-// pw_forward reads it (any row stride). Tasks
-// take an output tile (gemm::kTileRows rows) and one of `slices` fixed, consecutive ranges of
-// pixel rows (more than one where the output has too few tiles to share), summed in blocks of
-// kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
+// pw_forward reads it (any row stride). Tasks take an output tile (gemm::kTileRows rows) and
+// one of `slices` fixed, consecutive ranges of pixel rows (more than one where the output has
+// too few tiles to share), summed in blocks of kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
 // only, so the values do not depend on the thread count.
 constexpr int64_t kReduceRows = 128;
 
@@ -949,10 +947,9 @@ template <typename T>
 at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
   const int64_t M = dz.size(0), O = dz.size(1), C = x2d.size(1), ld = pixel_stride(x2d);
   const at::Tensor d = dz.contiguous();
-  const at::Tensor& x = x2d;
   at::Tensor dw = at::empty({O, C}, dz.options());
   const T* dp = d.const_data_ptr<T>();
-  const T* xp = x.const_data_ptr<T>();
+  const T* xp = x2d.const_data_ptr<T>();
   constexpr int64_t rows = gemm::kTileRows;
   const int64_t tiles = (O + rows - 1) / rows, slices = weight_grad_slices(M, O);
   const std::unique_ptr<T[]> part = scratch<T>(slices > 1 ? slices * O * C : 0);
@@ -1120,6 +1117,13 @@ at::Tensor materialize(const Lazy& t, int64_t groups) {
   return out;
 }
 
+// The chain's input as its first layer reads it, in the forward and the backward alike: a 1x1
+// layer reads the pixel rows in place where they are evenly spaced (the halves of a split-ready
+// input: strided_pixel_rows), a depthwise layer a dense channels-last tensor.
+inline at::Tensor chain_input(const at::Tensor& x, at::IntArrayRef layers) {
+  return layers[0] == 0 ? x : rows_last(x);
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_chain_cpu(
     const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef layers,
     const at::Tensor& mean_in, const at::Tensor& var_in, int64_t groups, double eps,
@@ -1128,9 +1132,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       check_chain("conv_bn_chain", layers, weights, mean_in, var_in, groups);
   check_float_dtype("conv_bn_chain", x_in);  // before the dtype dispatch below
   const size_t n = layers.size();
-  // a first 1x1 layer reads its input's pixel rows in place where they are evenly spaced (the
-  // halves of a split-ready input: strided_pixel_rows); a depthwise one reads channels-last
-  const at::Tensor x = layers[0] == 0 ? x_in : rows_last(x_in);
+  const at::Tensor x = chain_input(x_in, layers);
   const at::TensorOptions opt = x.options();
   const int64_t total = mean_in.size(1);
   at::Tensor mean = at::empty({groups, total}, opt), var = at::empty({groups, total}, opt);
@@ -1200,7 +1202,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   const size_t n = layers.size();
   TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
               "forward's: every layer's stored output, then the shifts), got ", saved.size());
-  const at::Tensor x = layers[0] == 0 ? x_in : rows_last(x_in);  // as in the forward
+  const at::Tensor x = chain_input(x_in, layers);
   const at::TensorOptions opt = x.options();
   const int64_t total = var.size(1);
   TORCH_CHECK(saved[n].dim() == 2 && saved[n].size(0) == groups && saved[n].size(1) == total,
