@@ -545,6 +545,10 @@ inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, cons
                                     const InputMap<T>& map) {                                   \
     map_pixels<T>(s, y, n, C, map);                                                             \
   }                                                                                             \
+  FASTSHIFT_MULTIVERSION void k_transpose(const T* src, int64_t rows, int64_t cols, T* dst,     \
+                                          int64_t r0, int64_t r1) {                             \
+    gemm::transpose_rows<T>(src, rows, cols, dst, r0, r1);                                      \
+  }                                                                                             \
   FASTSHIFT_GEMM(T, gemm::Store)                                                                \
   FASTSHIFT_GEMM(T, gemm::Moments)
 
@@ -884,10 +888,10 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
   const at::Tensor w = weight.contiguous();
   const T* wp = w.const_data_ptr<T>();
   const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
-  at::parallel_for(0, O, std::max<int64_t>(16, 16384 / std::max<int64_t>(C, 1)),
-                   [&](int64_t o0, int64_t o1) {
-                     gemm::transpose_rows(wp, O, C, wt.get(), o0, o1);
-                   });
+  // (threads only for weights of 2^18 elements and more: smaller ones take microseconds, less
+  // than waking a thread)
+  at::parallel_for(0, O, std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(C, 1)),
+                   [&](int64_t o0, int64_t o1) { k_transpose(wp, O, C, wt.get(), o0, o1); });
   at::Tensor z = at::empty({M, O}, x2d.options());
   const T* xp = x2d.const_data_ptr<T>();
   T* zp = z.data_ptr<T>();

@@ -185,20 +185,60 @@ inline bool wide_registers() {
 #endif
 }
 
-// dst [cols, rows] = src [rows, cols]^T (both dense) for rows [r0, r1) of src, in square
-// blocks so that both sides are read and written a cache line at a time (a plain loop writes
-// with a stride of `rows` elements and missed the cache on nearly every element of the 2.6 MB
-// last-layer weight: milliseconds per call).
+// The integer vector type __builtin_shuffle takes as the mask of a vector V of T.
+template <typename T, int Bytes>
+struct MaskVec;
+template <int Bytes>
+struct MaskVec<float, Bytes> {
+  typedef int32_t type __attribute__((vector_size(Bytes)));
+};
+template <int Bytes>
+struct MaskVec<double, Bytes> {
+  typedef int64_t type __attribute__((vector_size(Bytes)));
+};
+
+// One stage of the in-register transpose of an L x L block held as L vectors v[0..L): for
+// every element (r, c) whose row and column differ in bit S, swap it with (r ^ S, c ^ S). After
+// the stages of every bit (any order) element (r, c) sits at (c, r).
+template <typename V, typename M, int L, int S, int... I>
+inline void transpose_stage(V* v, std::integer_sequence<int, I...>) {
+  for (int r = 0; r < L; ++r) {
+    if (r & S) continue;
+    const V a = v[r], b = v[r + S];
+    v[r] = __builtin_shuffle(a, b, M{((I & S) ? L + I - S : I)...});
+    v[r + S] = __builtin_shuffle(a, b, M{((I & S) ? L + I : I + S)...});
+  }
+}
+
+// dst [cols, rows] = src [rows, cols]^T (both dense) for rows [r0, r1) of src: blocks of
+// L x L elements (L = the lanes of a 32-byte vector) loaded as L row vectors, transposed in
+// registers (log2 L shuffle stages) and stored as L row vectors of dst; the rows and columns
+// past the last whole block element by element. (An element-wise loop writes with a stride of
+// `rows` elements: 0.7 ns per element measured, milliseconds per forward over a network's
+// 1x1 weights.)
 template <typename T>
 inline void transpose_rows(const T* src, int64_t rows, int64_t cols, T* dst, int64_t r0,
                            int64_t r1) {
-  constexpr int64_t kB = 16;
-  for (int64_t i0 = r0; i0 < r1; i0 += kB)
-    for (int64_t j0 = 0; j0 < cols; j0 += kB) {
-      const int64_t i1 = std::min(r1, i0 + kB), j1 = std::min(cols, j0 + kB);
-      for (int64_t j = j0; j < j1; ++j)
-        for (int64_t i = i0; i < i1; ++i) dst[j * rows + i] = src[i * cols + j];
+  using V = typename Vec<T, 32>::type;
+  using M = typename MaskVec<T, 32>::type;
+  constexpr int L = 32 / sizeof(T);
+  const int64_t i_end = r0 + (r1 - r0) / L * L, j_end = cols / L * L;
+  for (int64_t i = r0; i < i_end; i += L) {
+    for (int64_t j = 0; j < j_end; j += L) {
+      V v[L];
+      for (int r = 0; r < L; ++r) v[r] = load<V>(src + (i + r) * cols + j);
+      [&]<int... I>(std::integer_sequence<int, I...> seq) {
+        transpose_stage<V, M, L, 1>(v, seq);
+        transpose_stage<V, M, L, 2>(v, seq);
+        if constexpr (L > 4) transpose_stage<V, M, L, 4>(v, seq);
+      }(std::make_integer_sequence<int, L>{});
+      for (int c = 0; c < L; ++c) store(dst + (j + c) * rows + i, v[c]);
     }
+    for (int64_t j = j_end; j < cols; ++j)
+      for (int64_t r = i; r < i + L; ++r) dst[j * rows + r] = src[r * cols + j];
+  }
+  for (int64_t j = 0; j < cols; ++j)
+    for (int64_t r = i_end; r < r1; ++r) dst[j * rows + r] = src[r * cols + j];
 }
 
 // C (+)= A B over the given strides (see the top of this file), each tile's sums handed to
