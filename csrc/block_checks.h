@@ -31,10 +31,10 @@ inline void check_groups(const char* op, const at::Tensor& x, int64_t groups) {
               groups, " equal groups");
 }
 
-// x [R, C, H, W], weight [C, 1, k, k] with k odd, stride 1 or 2; padding k / 2.
-inline void check_dwconv_bn(const at::Tensor& x, const at::Tensor& weight,
-                            const at::Tensor& mean, const at::Tensor& var, int64_t stride,
-                            int64_t groups) {
+// x [R, C, H, W], weight [C, 1, k, k] with k odd, stride 1 or 2; padding k / 2. (The checks of
+// dwconv_bn but its statistics', which a chain checks once for all its layers.)
+inline void check_dwconv_input(const at::Tensor& x, const at::Tensor& weight, int64_t stride,
+                               int64_t groups) {
   const char* op = "dwconv_bn";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [R, C, H, W], got ", x.dim(), "-D");
   check_float_dtype(op, x);
@@ -47,13 +47,18 @@ inline void check_dwconv_bn(const at::Tensor& x, const at::Tensor& weight,
   TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device());
   TORCH_CHECK(stride == 1 || stride == 2, op, ": stride must be 1 or 2, got ", stride);
   check_groups(op, x, groups);
-  check_stats(op, "mean", mean, groups, x.size(1), x);
-  check_stats(op, "var", var, groups, x.size(1), x);
 }
 
-// x [R, C, H, W], weight [O, C, 1, 1].
-inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
-                                 const at::Tensor& mean, const at::Tensor& var, int64_t groups) {
+inline void check_dwconv_bn(const at::Tensor& x, const at::Tensor& weight,
+                            const at::Tensor& mean, const at::Tensor& var, int64_t stride,
+                            int64_t groups) {
+  check_dwconv_input(x, weight, stride, groups);
+  check_stats("dwconv_bn", "mean", mean, groups, x.size(1), x);
+  check_stats("dwconv_bn", "var", var, groups, x.size(1), x);
+}
+
+// x [R, C, H, W], weight [O, C, 1, 1]. (pwconv_bn_relu's checks but its statistics'.)
+inline void check_pwconv_input(const at::Tensor& x, const at::Tensor& weight, int64_t groups) {
   const char* op = "pwconv_bn_relu";
   TORCH_CHECK(x.dim() == 4, op, ": x must be 4-D [R, C, H, W], got ", x.dim(), "-D");
   check_float_dtype(op, x);
@@ -64,8 +69,13 @@ inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
               weight.scalar_type(), " differs from x dtype ", x.scalar_type());
   TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device());
   check_groups(op, x, groups);
-  check_stats(op, "mean", mean, groups, weight.size(0), x);
-  check_stats(op, "var", var, groups, weight.size(0), x);
+}
+
+inline void check_pwconv_bn_relu(const at::Tensor& x, const at::Tensor& weight,
+                                 const at::Tensor& mean, const at::Tensor& var, int64_t groups) {
+  check_pwconv_input(x, weight, groups);
+  check_stats("pwconv_bn_relu", "mean", mean, groups, weight.size(0), x);
+  check_stats("pwconv_bn_relu", "var", var, groups, weight.size(0), x);
 }
 
 // conv_bn_chain: layers[i] is 0 = pointwise (1x1 conv + BN + ReLU), 1 or 2 = depthwise conv

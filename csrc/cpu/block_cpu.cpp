@@ -1092,21 +1092,42 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
 // training, running means in eval), copied because outputs may not alias; the scales follow
 // from the var output.
 
-// A stored tensor and its map (shift undefined: none).
+// A stored tensor and its map: shift / scale point to [G, C] arrays (shift null: no map) that
+// outlive it (the chain keeps them in a StatsStore).
+template <typename T>
 struct Lazy {
-  at::Tensor s, shift, scale;
+  at::Tensor s;
+  const T* shift = nullptr;
+  const T* scale = nullptr;
   bool relu = false;
-  bool mapped() const { return shift.defined(); }
+  bool mapped() const { return shift != nullptr; }
 };
 
+// Owner of the chain's per-layer [G, C_i] arrays: plain heap arrays, so the statistics of a
+// layer cost no tensor (no dispatcher call) of their own.
 template <typename T>
-const T* ptr_or_null(const at::Tensor& t) {
-  return t.defined() ? t.const_data_ptr<T>() : nullptr;
+struct StatsStore {
+  std::vector<std::vector<T>> arrays;
+  T* make(int64_t n) {
+    arrays.emplace_back(size_t(n));
+    return arrays.back().data();
+  }
+};
+
+// Columns [off, off + C) of the [G, total] rows at src as a dense [G, C] array dst, and back.
+template <typename T>
+void take_columns(const T* src, int64_t total, int64_t off, int64_t G, int64_t C, T* dst) {
+  for (int64_t g = 0; g < G; ++g) std::copy_n(src + g * total + off, C, dst + g * C);
+}
+
+template <typename T>
+void put_columns(const T* src, int64_t G, int64_t C, T* dst, int64_t total, int64_t off) {
+  for (int64_t g = 0; g < G; ++g) std::copy_n(src + g * C, C, dst + g * total + off);
 }
 
 // h = map(s) written out: [R, C, H, W] channels-last, dense.
 template <typename T>
-at::Tensor materialize(const Lazy& t, int64_t groups) {
+at::Tensor materialize(const Lazy<T>& t, int64_t groups) {
   const at::Tensor& s = t.s;
   const int64_t R = s.size(0), C = s.size(1), H = s.size(2), W = s.size(3), img = H * W * C;
   at::Tensor out = empty_rows_last(R, C, H, W, s);
@@ -1114,8 +1135,7 @@ at::Tensor materialize(const Lazy& t, int64_t groups) {
   const T* sp = s.const_data_ptr<T>();
   T* op = out.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
-    const InputMap<T> map = group_map(ptr_or_null<T>(t.shift), ptr_or_null<T>(t.scale), t.relu,
-                                      ch.group(i), C);
+    const InputMap<T> map = group_map(t.shift, t.scale, t.relu, ch.group(i), C);
     for (int64_t r = ch.begin(i); r < ch.end(i); ++r) k_map(sp + r * img, op + r * img, H * W, C, map);
   });
   return out;
@@ -1139,52 +1159,58 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
   const at::Tensor x = chain_input(x_in, layers);
   const at::TensorOptions opt = x.options();
   const int64_t total = mean_in.size(1);
+  check_stats("conv_bn_chain", "mean", mean_in, groups, total, x);
+  check_stats("conv_bn_chain", "var", var_in, groups, total, x);
+  // the outputs' [G, total] statistics, each layer's columns written from its own [G, C_i]
+  // arrays (the StatsStore) by pointer
   at::Tensor mean = at::empty({groups, total}, opt), var = at::empty({groups, total}, opt);
   at::Tensor shift = at::empty({groups, total}, opt);
   std::vector<at::Tensor> saved;
   at::Tensor y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_cpu", [&] {
     using T = scalar_t;
-    Lazy in{x};
+    const at::Tensor mean_c = training ? at::Tensor() : mean_in.to(x.scalar_type()).contiguous();
+    const at::Tensor var_c = training ? at::Tensor() : var_in.to(x.scalar_type()).contiguous();
+    StatsStore<T> store;
+    Lazy<T> in{x};
     int64_t off = 0;
     for (size_t i = 0; i < n; ++i) {
       const int64_t Ci = channels[i];
-      const at::Tensor m_in = mean_in.narrow(1, off, Ci), v_in = var_in.narrow(1, off, Ci);
-      at::Tensor m = at::empty({groups, Ci}, opt), v = at::empty({groups, Ci}, opt);
+      T* m = store.make(groups * Ci);
+      T* v = store.make(groups * Ci);
       if (!training) {
-        m.copy_(m_in);
-        v.copy_(v_in);
+        take_columns(mean_c.const_data_ptr<T>(), total, off, groups, Ci, m);
+        take_columns(var_c.const_data_ptr<T>(), total, off, groups, Ci, v);
       }
       at::Tensor out;
       if (layers[i] == 0) {
-        check_pwconv_bn_relu(in.s, weights[i], m_in, v_in, groups);
-        if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
+        check_pwconv_input(in.s, weights[i], groups);
+        if (in.mapped()) in = Lazy<T>{materialize<T>(in, groups)};
         const int64_t R = in.s.size(0), H = in.s.size(2), W = in.s.size(3);
         const at::Tensor rows = strided_pixel_rows(in.s);
         const at::Tensor z =
-            training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W,
-                                             m.data_ptr<T>(), v.data_ptr<T>())
+            training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W, m, v)
                      : pw_forward_raw<T>(rows, weights[i], R, groups, H * W);
         out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
       } else {
-        check_dwconv_bn(in.s, weights[i], m_in, v_in, layers[i], groups);
+        check_dwconv_input(in.s, weights[i], layers[i], groups);
         const at::Tensor wc = weights[i].contiguous();
         const DwShape s = dw_shape(in.s, weights[i], layers[i]);
         out = empty_rows_last(in.s.size(0), Ci, s.OH, s.OW, x);
         dw_layer_forward<T>(make_chunks(in.s.size(0), groups), s, in.s.const_data_ptr<T>(),
-                            wc.const_data_ptr<T>(), out.data_ptr<T>(), ptr_or_null<T>(in.shift),
-                            ptr_or_null<T>(in.scale), in.relu, training, eps,
-                            m.data_ptr<T>(), v.data_ptr<T>());
+                            wc.const_data_ptr<T>(), out.data_ptr<T>(), in.shift, in.scale,
+                            in.relu, training, eps, m, v);
       }
-      mean.narrow(1, off, Ci).copy_(m);
-      var.narrow(1, off, Ci).copy_(v);
-      shift.narrow(1, off, Ci).copy_(m);
+      put_columns(m, groups, Ci, mean.data_ptr<T>(), total, off);
+      put_columns(v, groups, Ci, var.data_ptr<T>(), total, off);
+      put_columns(m, groups, Ci, shift.data_ptr<T>(), total, off);
       saved.push_back(out);
-      in = Lazy{out};
+      in = Lazy<T>{out};
       if (layers[i] == 0) {
+        T* scale = store.make(groups * Ci);
+        rstd_into<T>(v, groups * Ci, eps, scale);
         in.shift = m;
-        in.scale = at::empty({groups, Ci}, opt);
-        rstd_into<T>(v.const_data_ptr<T>(), groups * Ci, eps, in.scale.data_ptr<T>());
+        in.scale = scale;
         in.relu = true;
       }
       off += Ci;
@@ -1216,25 +1242,43 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   at::Tensor g = rows_last(grad_y);  // dL/dh of the current layer's output
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_backward_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor shift_all = saved[n].contiguous();
-    const at::Tensor var_c = var.contiguous();
-    at::Tensor scale_all = at::empty({groups, total}, opt);
-    rstd_into<T>(var_c.const_data_ptr<T>(), groups * total, eps, scale_all.data_ptr<T>());
+    const at::Tensor shift_all = saved[n].to(x.scalar_type()).contiguous();
+    const at::Tensor var_c = var.to(x.scalar_type()).contiguous();
+    std::vector<T> scale_all(size_t(groups * total));
+    rstd_into<T>(var_c.const_data_ptr<T>(), groups * total, eps, scale_all.data());
     std::vector<int64_t> offs(n, 0);
     for (size_t i = 1; i < n; ++i) offs[i] = offs[i - 1] + channels[i - 1];
+    // every layer's [G, C_i] shift and scale: columns of the [G, total] arrays (in place for
+    // one group, where the columns are contiguous)
+    StatsStore<T> store;
+    std::vector<const T*> shifts(n), scales(n);
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t Ci = channels[i];
+      if (groups == 1) {
+        shifts[i] = shift_all.const_data_ptr<T>() + offs[i];
+        scales[i] = scale_all.data() + offs[i];
+      } else {
+        T* sh = store.make(groups * Ci);
+        T* sc = store.make(groups * Ci);
+        take_columns(shift_all.const_data_ptr<T>(), total, offs[i], groups, Ci, sh);
+        take_columns(scale_all.data(), total, offs[i], groups, Ci, sc);
+        shifts[i] = sh;
+        scales[i] = sc;
+      }
+    }
     auto lazy = [&](size_t i) {  // layer i's stored output, with its map for a 1x1 layer
-      Lazy t{rows_last(saved[i])};
+      Lazy<T> t{rows_last(saved[i])};
       if (layers[i] == 0) {
-        t.shift = shift_all.narrow(1, offs[i], channels[i]).contiguous();
-        t.scale = scale_all.narrow(1, offs[i], channels[i]).contiguous();
+        t.shift = shifts[i];
+        t.scale = scales[i];
         t.relu = true;
       }
       return t;
     };
     std::unique_ptr<GradSums> sums;  // layer j's BN-backward sums, taken by layer j + 1
     for (size_t j = n; j-- > 0;) {
-      const Lazy out = lazy(j);
-      Lazy in = j == 0 ? Lazy{x} : lazy(j - 1);
+      const Lazy<T> out = lazy(j);
+      Lazy<T> in = j == 0 ? Lazy<T>{x} : lazy(j - 1);
       std::unique_ptr<GradSums> out_sums = std::move(sums);
       TORCH_CHECK(g.sizes() == out.s.sizes(), op, ": grad_y must be ", out.s.sizes(), ", got ",
                   g.sizes());
@@ -1243,10 +1287,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
       if (layers[j] == 0) {
         const int64_t O = channels[j], pixels = H * W;
         at::Tensor dz = at::empty({R * pixels, O}, opt);
-        pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(),
-                 out.shift.const_data_ptr<T>(), out.scale.const_data_ptr<T>(), pixels, O,
-                 training, dz.data_ptr<T>(), out_sums.get());
-        if (in.mapped()) in = Lazy{materialize<T>(in, groups)};
+        pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(), out.shift,
+                 out.scale, pixels, O, training, dz.data_ptr<T>(), out_sums.get());
+        if (in.mapped()) in = Lazy<T>{materialize<T>(in, groups)};
         grad_w[j] = pw_weight_grad<T>(dz, strided_pixel_rows(in.s)).view({O, C, 1, 1});
         g = pw_input_grad<T>(dz, weights[j]).view({R, H, W, C}).permute({0, 3, 1, 2});
       } else {
@@ -1254,11 +1297,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
         const at::Tensor wc = weights[j].contiguous();
         at::Tensor dx = empty_rows_last(R, C, H, W, x);
         at::Tensor dw = at::empty({C, 1, s.K, s.K}, opt);
-        const at::Tensor rstd = scale_all.narrow(1, offs[j], channels[j]).contiguous();
         if (training && in.mapped()) sums = std::make_unique<GradSums>(ch.count(), C);
-        dw_layer_backward<T>(ch, s, g.const_data_ptr<T>(), in.s.const_data_ptr<T>(),
-                             ptr_or_null<T>(in.shift), ptr_or_null<T>(in.scale), in.relu,
-                             out.s.const_data_ptr<T>(), rstd.const_data_ptr<T>(),
+        dw_layer_backward<T>(ch, s, g.const_data_ptr<T>(), in.s.const_data_ptr<T>(), in.shift,
+                             in.scale, in.relu, out.s.const_data_ptr<T>(), scales[j],
                              wc.const_data_ptr<T>(), training, dx.data_ptr<T>(),
                              dw.data_ptr<T>(), sums.get());
         grad_w[j] = dw;
