@@ -938,8 +938,9 @@ at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
 // dw [O, C] = dz [M, O]^T x [M, C] (the weight gradient), dz read transposed in place and x as
 // pw_forward reads it (any row stride). Tasks take an output tile (gemm::kTileRows rows) and
 // one of `slices` fixed, consecutive ranges of pixel rows (more than one where the output has
-// too few tiles to share), summed in blocks of kReduceRows; the slices' sums are then added in order. The slicing depends on the shapes
-// only, so the values do not depend on the thread count.
+// too few tiles to share), summed in blocks of kReduceRows; the slices' sums are then added in
+// order. The slicing depends on the shapes only, so the values do not depend on the thread
+// count.
 constexpr int64_t kReduceRows = 128;
 
 inline int64_t weight_grad_slices(int64_t M, int64_t O) {
@@ -1242,8 +1243,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   at::Tensor g = rows_last(grad_y);  // dL/dh of the current layer's output
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_backward_cpu", [&] {
     using T = scalar_t;
-    const at::Tensor shift_all = saved[n].to(x.scalar_type()).contiguous();
-    const at::Tensor var_c = var.to(x.scalar_type()).contiguous();
+    const at::Tensor shift_all = saved[n].contiguous();
+    const at::Tensor var_c = var.contiguous();
     std::vector<T> scale_all(size_t(groups * total));
     rstd_into<T>(var_c.const_data_ptr<T>(), groups * total, eps, scale_all.data());
     std::vector<int64_t> offs(n, 0);
