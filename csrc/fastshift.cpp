@@ -2,8 +2,9 @@
 //
 // Device bodies register themselves with TORCH_LIBRARY_IMPL in csrc/cpu/*.cpp and
 // csrc/cuda/*.cu, so the dispatcher picks the body from the input's device; conv_bn_chain's
-// bodies (csrc/chain.cpp) are compositions of the layer ops, for every device. Autograd and
-// fake (meta) kernels are registered from Python (fastshift/ops/_registry.py).
+// bodies (csrc/chain.cpp) are compositions of the layer ops, for every device. Autograd is
+// registered in C++ (csrc/autograd.cpp), the fake (meta) kernels from Python
+// (fastshift/ops/_registry.py).
 #include <torch/library.h>
 
 #include <Python.h>

@@ -23,6 +23,10 @@
 # A summary table (with the failed tests) is printed last; summary.txt, every JSON and
 # gpu_check_logs.tar.gz (every log and JUnit file) are in $OUT.
 #
+# BASELINE=DIR (optional): a source tree of another commit (e.g. `git archive REV | tar -x -C
+# DIR`), built beside this one (half the cores each) and timed by the same ops_block, profile
+# and search steps right after this tree's (steps *_base), so the A/B runs on one machine.
+#
 # Environment: OUT (default /tmp/fastshift-gpu-check), PYTHON (default python3), BUDGET,
 # FASTSHIFT_KEEP_CXX (set: keep the environment's CC / CXX instead of /usr/bin's),
 # DEVICE (default cuda), OPS_SCALE / SEARCH_SCALE (default gpu), SEARCH_CANDIDATES (4),
@@ -101,8 +105,27 @@ export -f env_report
 step env 30 bash -c env_report
 # on a GPU the CUDA bodies are required: a build without them fails instead of going on
 [ "$DEVICE" = cuda ] && export FASTSHIFT_FORCE_CUDA=1
+BASE=${BASELINE:-}
+if [ -n "$BASE" ]; then
+  BASE=$(cd "$BASE" && pwd) || exit 1
+  export MAX_JOBS=$(( (MAX_JOBS + 1) / 2 ))
+  ( cd "$BASE" && timeout 300 "$PY" setup.py build_ext --inplace > "$W/build_base.log" 2>&1
+    echo "build_base rc=$?" >> "$W/summary.txt" ) &
+  BASE_BUILD=$!
+fi
 step build 240 "$PY" setup.py build_ext --inplace || {
   echo "build failed: nothing else can run"; tail -n 40 "$W/build.log"; exit 1; }
+if [ -n "$BASE" ]; then
+  wait "$BASE_BUILD"
+  grep -q "build_base rc=0" "$W/summary.txt" || { tail -n 20 "$W/build_base.log"; BASE=; }
+fi
+# base STEP LIMIT SCRIPT ARGS...: a benchmark script of the baseline tree, as step STEP_base
+base() {
+  local name=$1 limit=$2 script=$3
+  shift 3
+  [ -n "$BASE" ] || return 0
+  step "${name}_base" "$limit" env PYTHONPATH="$BASE" "$PY" "$BASE/$script" "$@"
+}
 step info 60 "$PY" -m fastshift.info
 
 XDIST=()
@@ -112,12 +135,18 @@ step tests_cuda 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
   --junitxml="$W/tests_cuda.xml"
 step ops_block 90 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --kinds block --backends "$DEVICE" --repeats 10 --out "$W/bench_ops_${OPS_SCALE}_block.json"
+base ops_block 90 benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
+  --kinds block --backends "$DEVICE" --repeats 10 \
+  --out "$W/bench_ops_${OPS_SCALE}_block_base.json"
 TRITON_BACKEND=triton
 "$PY" -c "import sys; from fastshift import ops; sys.exit(not ops.triton_usable('$DEVICE'))" \
   2>/dev/null || TRITON_BACKEND=
 step profile 90 "$PY" benchmarks/profile_block.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --backends reference "$DEVICE" $TRITON_BACKEND --out "$W/profile_block_${OPS_SCALE}.json" \
   $PROFILE_ARGS
+# shellcheck disable=SC2086  # PROFILE_ARGS is a list
+base profile 90 benchmarks/profile_block.py --scale "$OPS_SCALE" --device "$DEVICE" \
+  --backends reference "$DEVICE" --out "$W/profile_block_${OPS_SCALE}_base.json" $PROFILE_ARGS
 step tests_triton 150 "$PY" -m pytest -q -rfE -p no:cacheprovider "${XDIST[@]}" \
   tests/test_fused_ops.py -k triton --junitxml="$W/tests_triton.xml"
 # shellcheck disable=SC2086  # SEARCH_KS is a list
@@ -125,6 +154,10 @@ step search 150 "$PY" benchmarks/bench_search.py --scale "$SEARCH_SCALE" --devic
   --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 --backend "$DEVICE" \
   --reference-ops-ks $SEARCH_KS \
   --out "$W/bench_search_${SEARCH_SCALE}.json"
+# shellcheck disable=SC2086
+base search 150 benchmarks/bench_search.py --scale "$SEARCH_SCALE" --device "$DEVICE" \
+  --candidates "$SEARCH_CANDIDATES" --ks $SEARCH_KS --rounds 1 --backend "$DEVICE" \
+  --reference-ops-ks $SEARCH_KS --out "$W/bench_search_${SEARCH_SCALE}_base.json"
 step ops_all 150 "$PY" benchmarks/bench_ops.py --scale "$OPS_SCALE" --device "$DEVICE" \
   --repeats 10 --out "$W/bench_ops_${OPS_SCALE}.json"
 

@@ -1,5 +1,7 @@
 """Loads ``fastshift._C`` and registers the Python side of its ops: fake (meta) kernels for
-``torch.compile`` and autograd formulas whose backward is itself a registered op."""
+``torch.compile`` and opcheck, and the Triton launchers as the bodies of the ``*_triton``
+schemas. Autograd is registered in C++ (``csrc/autograd.cpp``): each op's backward is itself
+a registered op, and a call runs no Python between the op and its gradient."""
 
 from __future__ import annotations
 
@@ -55,12 +57,6 @@ if HAVE_C:
         return torch.empty((b, 2 * c, h, w), dtype=even.dtype, device=even.device,
                            memory_format=suggest_memory_format(even))
 
-    def _channel_split_backward(ctx, grad_even, grad_odd):
-        return torch.ops.fastshift.channel_interleave.default(grad_even, grad_odd)
-
-    def _channel_interleave_backward(ctx, grad):
-        return torch.ops.fastshift.channel_split.default(grad)
-
     @torch.library.register_fake("fastshift::shuffle_cat")
     def _shuffle_cat_fake(a, b):
         torch._check(a.dim() == 4 and b.dim() == 4, lambda: "shuffle_cat: a and b must be 4-D")
@@ -79,26 +75,6 @@ if HAVE_C:
                             memory_format=fmt),
                 torch.empty((n, c - split, h, w), dtype=grad.dtype, device=grad.device,
                             memory_format=fmt))
-
-    def _shuffle_cat_setup(ctx, inputs, output):
-        ctx.split = inputs[0].shape[1]
-
-    def _shuffle_cat_grad(ctx, grad):
-        return tuple(torch.ops.fastshift.shuffle_cat_backward.default(grad, ctx.split))
-
-    def _shuffle_cat_backward_setup(ctx, inputs, output):
-        pass
-
-    def _shuffle_cat_backward_grad(ctx, grad_a, grad_b):
-        # the backward is a permutation: its own backward is the forward
-        return torch.ops.fastshift.shuffle_cat.default(grad_a, grad_b), None
-
-    torch.library.register_autograd("fastshift::shuffle_cat", _shuffle_cat_grad,
-                                    setup_context=_shuffle_cat_setup)
-    torch.library.register_autograd("fastshift::shuffle_cat_backward", _shuffle_cat_backward_grad,
-                                    setup_context=_shuffle_cat_backward_setup)
-    torch.library.register_autograd("fastshift::channel_split", _channel_split_backward)
-    torch.library.register_autograd("fastshift::channel_interleave", _channel_interleave_backward)
 
     def _channels_last_empty(like, shape):
         return torch.empty(shape, dtype=like.dtype, device=like.device,
@@ -167,83 +143,22 @@ if HAVE_C:
         return _channels_last_empty(x, tuple(x.shape)), [
             torch.empty_like(w, memory_format=torch.contiguous_format) for w in weights]
 
-    # Autograd: the gradient reaches x and weight through y only; the statistics outputs (and
-    # pwconv_bn_relu's xhat) are saved state, not differentiable results. The backward of
-    # `<op><suffix>` is the registered op `<op>_backward<suffix>`.
     def _register_block_ops(suffix: str):
-        dw_backward = getattr(torch.ops.fastshift, "dwconv_bn_backward" + suffix).default
-        pw_backward = getattr(torch.ops.fastshift, "pwconv_bn_relu_backward" + suffix).default
-
-        def dw_setup(ctx, inputs, output):
-            x, weight, _, _, stride, groups, eps, training = inputs
-            y, _, var = output
-            ctx.args = (stride, groups, eps, training)
-            ctx.save_for_backward(x, weight, y, var)
-            ctx.mark_non_differentiable(output[1], output[2])
-            # no zero-filled gradients for the statistics outputs (nor for y when unused)
-            ctx.set_materialize_grads(False)
-
-        def dw_grad(ctx, grad_y, _grad_mean, _grad_var):
-            if grad_y is None:
-                return (None,) * 8
-            x, weight, y, var = ctx.saved_tensors
-            grad_x, grad_w = dw_backward(grad_y, x, weight, y, var, *ctx.args)
-            return grad_x, grad_w, None, None, None, None, None, None
-
-        def pw_setup(ctx, inputs, output):
-            x, weight, _, _, groups, eps, training = inputs
-            y, xhat, _, var = output
-            ctx.args = (groups, eps, training)
-            ctx.save_for_backward(x, weight, y, xhat, var)
-            ctx.mark_non_differentiable(output[1], output[2], output[3])
-            # without this every backward zero-fills an xhat-sized gradient it never reads
-            ctx.set_materialize_grads(False)
-
-        def pw_grad(ctx, grad_y, _grad_xhat, _grad_mean, _grad_var):
-            if grad_y is None:
-                return (None,) * 7
-            x, weight, y, xhat, var = ctx.saved_tensors
-            grad_x, grad_w = pw_backward(grad_y, x, weight, y, xhat, var, *ctx.args)
-            return grad_x, grad_w, None, None, None, None, None
-
-        chain_backward = getattr(torch.ops.fastshift, "conv_bn_chain_backward" + suffix).default
-
-        def chain_setup(ctx, inputs, output):
-            x, weights, layers, _, _, groups, eps, training = inputs
-            y, saved, _, var = output
-            ctx.args = (list(layers), groups, eps, training)
-            ctx.save_for_backward(x, y, var, *weights, *saved)
-            ctx.mark_non_differentiable(*saved, output[2], var)
-            ctx.set_materialize_grads(False)
-
-        def chain_grad(ctx, grad_y, _grad_saved, _grad_mean, _grad_var):
-            layers, groups, eps, training = ctx.args
-            n = len(layers)
-            if grad_y is None:
-                return None, [None] * n, None, None, None, None, None, None
-            x, y, var, *rest = ctx.saved_tensors
-            grad_x, grad_w = chain_backward(grad_y, x, rest[:n], layers, y, rest[n:], var,
-                                            groups, eps, training)
-            return grad_x, list(grad_w), None, None, None, None, None, None
-
+        """The fake kernels of the block ops of one family (their autograd: csrc/autograd.cpp,
+        the gradient of x and the weights through y; the statistics, xhat and saved outputs
+        are not differentiable)."""
         lib = "fastshift::"
         torch.library.register_fake(lib + "conv_bn_chain" + suffix,
                                     _conv_bn_chain_compiled_fake if suffix == ""
                                     else _conv_bn_chain_fake)
         torch.library.register_fake(lib + "conv_bn_chain_backward" + suffix,
                                     _conv_bn_chain_backward_fake)
-        torch.library.register_autograd(lib + "conv_bn_chain" + suffix, chain_grad,
-                                        setup_context=chain_setup)
         torch.library.register_fake(lib + "dwconv_bn" + suffix, _dwconv_bn_fake)
         torch.library.register_fake(lib + "dwconv_bn_backward" + suffix,
                                     _dwconv_bn_backward_fake)
         torch.library.register_fake(lib + "pwconv_bn_relu" + suffix, _pwconv_bn_relu_fake)
         torch.library.register_fake(lib + "pwconv_bn_relu_backward" + suffix,
                                     _pwconv_bn_relu_backward_fake)
-        torch.library.register_autograd(lib + "dwconv_bn" + suffix, dw_grad,
-                                        setup_context=dw_setup)
-        torch.library.register_autograd(lib + "pwconv_bn_relu" + suffix, pw_grad,
-                                        setup_context=pw_setup)
 
     _register_block_ops("")
     _register_block_ops("_triton")
