@@ -16,6 +16,8 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include "op_signatures.h"
+
 #include <string>
 #include <tuple>
 #include <vector>
@@ -25,14 +27,6 @@ namespace {
 
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
-
-// The typed handle of `fastshift::<name>` (looked up once per call site).
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> op_handle(const std::string& name) {
-  return c10::Dispatcher::singleton()
-      .findSchemaOrThrow(("fastshift::" + name).c_str(), "")
-      .template typed<Sig>();
-}
 
 // `n` undefined gradients after `head`: the backward of a Function returns one entry per
 // forward argument, tensor lists expanded, undefined for the arguments that are no tensors.
@@ -138,30 +132,11 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_autograd(const at::Tenso
 // ---- dwconv_bn / pwconv_bn_relu / conv_bn_chain, each of two families ---------------------
 // (Family = 0: the compiled bodies, schema suffix ""; 1: the Triton bodies, "_triton".)
 
-using DwFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-    int64_t, double, bool);
-using DwBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, int64_t, int64_t, double,
-                                                   bool);
-using PwFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-    bool);
-using PwBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&, int64_t,
-                                                   double, bool);
-using ChainFn = std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor>(
-    const at::Tensor&, at::TensorList, at::IntArrayRef, const at::Tensor&, const at::Tensor&,
-    int64_t, double, bool);
-using ChainBwdFn = std::tuple<at::Tensor, std::vector<at::Tensor>>(
-    const at::Tensor&, const at::Tensor&, at::TensorList, at::IntArrayRef, const at::Tensor&,
-    at::TensorList, const at::Tensor&, int64_t, double, bool);
-
 template <int Family>
 struct BlockOps {
-  static std::string name(const char* base) { return Family ? std::string(base) + "_triton" : base; }
+  static std::string name(const char* base) {
+    return Family ? std::string(base) + "_triton" : std::string(base);
+  }
   static const c10::TypedOperatorHandle<DwFn>& dw() {
     static const auto op = op_handle<DwFn>(name("dwconv_bn"));
     return op;

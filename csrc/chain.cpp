@@ -13,6 +13,7 @@
 #include <torch/library.h>
 
 #include "block_checks.h"
+#include "op_signatures.h"
 
 #include <string>
 #include <tuple>
@@ -20,21 +21,6 @@
 
 namespace fastshift {
 namespace {
-
-using DwFn = std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t,
-    int64_t, double, bool);
-using DwBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, int64_t, int64_t, double,
-                                                   bool);
-using PwFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
-    bool);
-using PwBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&,
-                                                   const at::Tensor&, const at::Tensor&, int64_t,
-                                                   double, bool);
 
 // The four layer ops of one family (suffix "" or "_triton"), looked up once.
 struct LayerOps {
@@ -45,13 +31,10 @@ struct LayerOps {
 };
 
 LayerOps find_ops(const std::string& suffix) {
-  auto& d = c10::Dispatcher::singleton();
-  return {d.findSchemaOrThrow(("fastshift::dwconv_bn" + suffix).c_str(), "").typed<DwFn>(),
-          d.findSchemaOrThrow(("fastshift::dwconv_bn_backward" + suffix).c_str(), "")
-              .typed<DwBwdFn>(),
-          d.findSchemaOrThrow(("fastshift::pwconv_bn_relu" + suffix).c_str(), "").typed<PwFn>(),
-          d.findSchemaOrThrow(("fastshift::pwconv_bn_relu_backward" + suffix).c_str(), "")
-              .typed<PwBwdFn>()};
+  return {op_handle<DwFn>("dwconv_bn" + suffix),
+          op_handle<DwBwdFn>("dwconv_bn_backward" + suffix),
+          op_handle<PwFn>("pwconv_bn_relu" + suffix),
+          op_handle<PwBwdFn>("pwconv_bn_relu_backward" + suffix)};
 }
 
 const LayerOps& layer_ops(bool triton) {
