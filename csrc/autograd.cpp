@@ -5,8 +5,8 @@
 // backward calls the registered backward op, so every gradient is itself an op the
 // dispatcher, opcheck and torch.compile see (the fake kernels are registered from Python,
 // fastshift/ops/_registry.py). The formulas were Python `torch.library.register_autograd`
-// functions before; in C++ the forward and backward of a call run no Python at all, which is
-// most of the host time of a small block on a GPU (README, "Design": why this moved).
+// functions before; in C++ the forward and backward of a call run no Python at all (on an
+// H200 a small block's host time per forward + backward fell by a third: README, "Design").
 //
 // The gradient reaches x and the weights through y only: the statistics outputs, a
 // pwconv_bn_relu's xhat and a chain's saved tensors are state for the backward, marked
@@ -130,38 +130,7 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_autograd(const at::Tenso
 }
 
 // ---- dwconv_bn / pwconv_bn_relu / conv_bn_chain, each of two families ---------------------
-// (Family = 0: the compiled bodies, schema suffix ""; 1: the Triton bodies, "_triton".)
-
-template <int Family>
-struct BlockOps {
-  static std::string name(const char* base) {
-    return Family ? std::string(base) + "_triton" : std::string(base);
-  }
-  static const c10::TypedOperatorHandle<DwFn>& dw() {
-    static const auto op = op_handle<DwFn>(name("dwconv_bn"));
-    return op;
-  }
-  static const c10::TypedOperatorHandle<DwBwdFn>& dw_backward() {
-    static const auto op = op_handle<DwBwdFn>(name("dwconv_bn_backward"));
-    return op;
-  }
-  static const c10::TypedOperatorHandle<PwFn>& pw() {
-    static const auto op = op_handle<PwFn>(name("pwconv_bn_relu"));
-    return op;
-  }
-  static const c10::TypedOperatorHandle<PwBwdFn>& pw_backward() {
-    static const auto op = op_handle<PwBwdFn>(name("pwconv_bn_relu_backward"));
-    return op;
-  }
-  static const c10::TypedOperatorHandle<ChainFn>& chain() {
-    static const auto op = op_handle<ChainFn>(name("conv_bn_chain"));
-    return op;
-  }
-  static const c10::TypedOperatorHandle<ChainBwdFn>& chain_backward() {
-    static const auto op = op_handle<ChainBwdFn>(name("conv_bn_chain_backward"));
-    return op;
-  }
-};
+// (Family = 0: the compiled bodies; 1: the Triton bodies. Their handles: BlockOps.)
 
 // The non-tensor arguments every layer op shares, kept for the backward.
 void save_args(AutogradContext* ctx, int64_t groups, double eps, bool training) {

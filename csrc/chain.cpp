@@ -22,33 +22,14 @@
 namespace fastshift {
 namespace {
 
-// The four layer ops of one family (suffix "" or "_triton"), looked up once.
-struct LayerOps {
-  c10::TypedOperatorHandle<DwFn> dw;
-  c10::TypedOperatorHandle<DwBwdFn> dw_backward;
-  c10::TypedOperatorHandle<PwFn> pw;
-  c10::TypedOperatorHandle<PwBwdFn> pw_backward;
-};
-
-LayerOps find_ops(const std::string& suffix) {
-  return {op_handle<DwFn>("dwconv_bn" + suffix),
-          op_handle<DwBwdFn>("dwconv_bn_backward" + suffix),
-          op_handle<PwFn>("pwconv_bn_relu" + suffix),
-          op_handle<PwBwdFn>("pwconv_bn_relu_backward" + suffix)};
-}
-
-const LayerOps& layer_ops(bool triton) {
-  static const LayerOps compiled = find_ops("");
-  static const LayerOps tri = find_ops("_triton");
-  return triton ? tri : compiled;
-}
-
+// The chain through the layer ops of one family (BlockOps<Family>: 0 compiled, 1 Triton).
+template <int Family>
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> chain_forward(
-    bool triton, const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers,
+    const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers,
     const at::Tensor& mean, const at::Tensor& var, int64_t groups, double eps, bool training) {
   const std::vector<int64_t> channels =
       check_chain("conv_bn_chain", layers, weights, mean, var, groups);
-  const LayerOps& ops = layer_ops(triton);
+  using Ops = BlockOps<Family>;
   const size_t n = layers.size();
   // saved: the outputs of layers 0 .. n-2 (the inputs of layers 1 .. n-1), then the xhat of
   // each pointwise layer (training; empty in eval)
@@ -63,10 +44,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> chain_fo
     off += channels[i];
     at::Tensor y, xhat, m, v;
     if (layers[i] == 0) {
-      std::tie(y, xhat, m, v) = ops.pw.call(h, weights[i], m_in, v_in, groups, eps, training);
+      std::tie(y, xhat, m, v) = Ops::pw().call(h, weights[i], m_in, v_in, groups, eps, training);
       xhats.push_back(std::move(xhat));
     } else {
-      std::tie(y, m, v) = ops.dw.call(h, weights[i], m_in, v_in, layers[i], groups, eps, training);
+      std::tie(y, m, v) =
+          Ops::dw().call(h, weights[i], m_in, v_in, layers[i], groups, eps, training);
     }
     if (i + 1 < n) saved.push_back(y);
     means.push_back(std::move(m));
@@ -77,8 +59,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> chain_fo
   return {h, saved, at::cat(means, 1), at::cat(vars, 1)};
 }
 
+template <int Family>
 std::tuple<at::Tensor, std::vector<at::Tensor>> chain_backward(
-    bool triton, const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
+    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
     at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
     int64_t groups, double eps, bool training) {
   const char* op = "conv_bn_chain_backward";
@@ -88,7 +71,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain_backward(
   for (size_t i = 0; i < n; ++i) pointwise += layers[i] == 0;
   TORCH_CHECK(saved.size() == n - 1 + pointwise, op, ": saved must hold ", n - 1 + pointwise,
               " tensors (the forward's), got ", saved.size());
-  const LayerOps& ops = layer_ops(triton);
+  using Ops = BlockOps<Family>;
   std::vector<at::Tensor> grad_w(n);
   at::Tensor g = grad_y;
   int64_t off = var.size(1);
@@ -99,37 +82,21 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> chain_backward(
     off -= channels[j];
     const at::Tensor v = var.narrow(1, off, channels[j]);
     if (layers[j] == 0) {
-      std::tie(g, grad_w[j]) = ops.pw_backward.call(g, in, weights[j], out, saved[--xhat], v,
-                                                    groups, eps, training);
+      std::tie(g, grad_w[j]) = Ops::pw_backward().call(g, in, weights[j], out, saved[--xhat], v,
+                                                       groups, eps, training);
     } else {
       std::tie(g, grad_w[j]) =
-          ops.dw_backward.call(g, in, weights[j], out, v, layers[j], groups, eps, training);
+          Ops::dw_backward().call(g, in, weights[j], out, v, layers[j], groups, eps, training);
     }
   }
   return {g, grad_w};
 }
 
-template <bool Triton>
-std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> forward_body(
-    const at::Tensor& x, at::TensorList weights, at::IntArrayRef layers, const at::Tensor& mean,
-    const at::Tensor& var, int64_t groups, double eps, bool training) {
-  return chain_forward(Triton, x, weights, layers, mean, var, groups, eps, training);
-}
-
-template <bool Triton>
-std::tuple<at::Tensor, std::vector<at::Tensor>> backward_body(
-    const at::Tensor& grad_y, const at::Tensor& x, at::TensorList weights,
-    at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
-    int64_t groups, double eps, bool training) {
-  return chain_backward(Triton, grad_y, x, weights, layers, y, saved, var, groups, eps,
-                        training);
-}
-
 // The Triton family on every device; the compiled family on CUDA (its CPU body is
 // conv_bn_chain_cpu). The layer ops' own bodies are picked per device by the dispatcher.
 void register_triton_chain(torch::Library& m) {
-  m.impl("conv_bn_chain_triton", &forward_body<true>);
-  m.impl("conv_bn_chain_backward_triton", &backward_body<true>);
+  m.impl("conv_bn_chain_triton", &chain_forward<1>);
+  m.impl("conv_bn_chain_backward_triton", &chain_backward<1>);
 }
 
 }  // namespace
@@ -137,8 +104,8 @@ void register_triton_chain(torch::Library& m) {
 TORCH_LIBRARY_IMPL(fastshift, CPU, m) { register_triton_chain(m); }
 
 TORCH_LIBRARY_IMPL(fastshift, CUDA, m) {
-  m.impl("conv_bn_chain", &forward_body<false>);
-  m.impl("conv_bn_chain_backward", &backward_body<false>);
+  m.impl("conv_bn_chain", &chain_forward<0>);
+  m.impl("conv_bn_chain_backward", &chain_backward<0>);
   register_triton_chain(m);
 }
 
