@@ -101,12 +101,20 @@ def _run(op, backend, x, weight, stats, extra, training, grad_out=None):
     return y, mean, var, grads
 
 
-def _check_against_reference(op, backend, x, weight, extra, groups, dtype, device, training):
+def _check_against_reference(op, backend, x, weight, extra, groups, dtype, device, training,
+                             grad_layout="dense"):
     channels = weight.shape[0]
     stats = (torch.randn(groups, channels, dtype=dtype, device=device),
              torch.rand(groups, channels, dtype=dtype, device=device) + 0.5)
     ref = _run(op, "reference", x, weight, stats, extra, training)
     g = torch.randn_like(ref[0])
+    if grad_layout == "channel_range":  # as a concat's backward hands it to a branch's last layer
+        r, o, h, w = g.shape
+        wide = torch.zeros(r, 2 * o + 1, h, w, dtype=dtype, device=device)
+        wide = wide.contiguous(memory_format=torch.channels_last)
+        wide[:, o + 1:] = g
+        g = wide[:, o + 1:]
+        assert not g.is_contiguous(memory_format=torch.channels_last) or g.numel() <= o
     y_ref, m_ref, v_ref, (gx_ref, gw_ref) = _run(op, "reference", x, weight, stats, extra,
                                                  training, g)
     y, m, v, (gx, gw) = _run(op, backend, x, weight, stats, extra, training, g)
@@ -166,6 +174,25 @@ def test_pwconv_bn_relu_matches_reference(backend, device, dtype, shape, trainin
     weight = torch.randn(o, c, 1, 1, dtype=dtype, device=device)
     _check_against_reference(ops.pwconv_bn_relu, backend, x, weight, (), groups, dtype, device,
                              training)
+
+
+@needs_c
+@pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(PW_SHAPES)))
+@pytest.mark.parametrize("training", [True, False])
+def test_pwconv_bn_relu_output_grad_as_channel_range(backend, device, dtype, shape, training):
+    """The output gradient as a channel range of a wider channels-last tensor, as the concat
+    of a unit's backward hands it to a branch's last 1x1 layer (the CUDA body reads it in place
+    at its pixel stride), with the input a channel range too: same gradients as the
+    reference."""
+    if dtype in LOW_PRECISION:
+        pytest.skip("float16/bfloat16 are checked against float64 by test_low_precision_error")
+    _skip_interpreted_layout(backend, device, shape, PW_SHAPES, "channel_range")
+    r, c, o, h, w, groups = shape
+    torch.manual_seed(0)
+    x = _input((r, c, h, w), dtype, device, "channel_range")
+    weight = torch.randn(o, c, 1, 1, dtype=dtype, device=device)
+    _check_against_reference(ops.pwconv_bn_relu, backend, x, weight, (), groups, dtype, device,
+                             training, grad_layout="channel_range")
 
 
 @needs_c

@@ -144,6 +144,11 @@ __global__ void dw_input_grad_s2_kernel(const T* __restrict__ dz, const T* __res
 
 constexpr int kLanes = 32;  // channels per block of the column kernels (one warp)
 constexpr int kRows = 8;    // pixel rows per block of the column kernels (warps)
+// Slice phases per block of the finishing kernels, which reduce the column kernels' per-slice
+// parts: a thread adds every kFinishRows-th slice, so the dependent chain of loads is
+// splits / kFinishRows long instead of splits (up to several hundred: the large maps' finish
+// was a serial loop of dependent global loads, 0.2 ms per call at 64 channels on an H200).
+constexpr int kFinishRows = 32;
 
 // part[t, s, c] = sum over the s-th slice of the R*OH output rows (r, oh), all ow, of
 // x[r, oh*S - P + kh, ow*S - P + kw, c] * dz[r, oh, ow, c]. Block (kLanes, kRows): channel
@@ -198,15 +203,28 @@ __global__ void __launch_bounds__(kLanes* kRows)
   }
 }
 
-// dw[c, t] = sum over the slices s (in order) of part[t, s, c], in the weight's dtype.
+// dw[c, t] = the sum over the slices s of part[t, s, c], in the weight's dtype. Block (kLanes,
+// kFinishRows) over kLanes channels of one tap, grid (ceil(C / kLanes), taps); see
+// moments_finish_kernel for the order of the sums.
 template <typename T, typename A>
-__global__ void dw_weight_finish_kernel(const A* __restrict__ part, T* __restrict__ dw,
-                                        int64_t taps, int64_t splits, int64_t C) {
-  FASTSHIFT_GRID_STRIDE(i, taps * C) {
-    const int64_t c = i / taps, t = i % taps;
-    A sum = 0;
-    for (int64_t s = 0; s < splits; ++s) sum += part[(t * splits + s) * C + c];
-    dw[i] = static_cast<T>(sum);
+__global__ void __launch_bounds__(kLanes* kFinishRows)
+    dw_weight_finish_kernel(const A* __restrict__ part, T* __restrict__ dw, int64_t taps,
+                            int64_t splits, int64_t C) {
+  __shared__ A red[kFinishRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx, t = blockIdx.y;
+  A sum = 0;
+  if (c < C) {
+    const A* col = part + t * splits * C + c;
+#pragma unroll 4
+    for (int64_t s = ty; s < splits; s += kFinishRows) sum += col[s * C];
+  }
+  red[ty][tx] = sum;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+#pragma unroll
+    for (int j = 1; j < kFinishRows; ++j) sum += red[j][tx];
+    dw[c * taps + t] = static_cast<T>(sum);
   }
 }
 
@@ -388,31 +406,43 @@ __global__ void __launch_bounds__(kLanes* kRows)
   }
 }
 
-// mean / var[g, c] (biased) from the slices' parts, merged in slice order.
+// mean / var[g, c] (biased) from the slices' parts. Block (kLanes, kFinishRows) over kLanes
+// channels of one group, grid (ceil(C / kLanes), G): thread row ty merges slices ty,
+// ty + kFinishRows, ... in that order, then row 0 merges the rows' results in row order. The
+// order depends only on `splits` (deterministic).
 template <typename A>
-__global__ void moments_finish_kernel(const A* __restrict__ part, A* __restrict__ mean,
-                                      A* __restrict__ var, int64_t G, int64_t C,
-                                      int64_t splits) {
+__global__ void __launch_bounds__(kLanes* kFinishRows)
+    moments_finish_kernel(const A* __restrict__ part, A* __restrict__ mean, A* __restrict__ var,
+                          int64_t G, int64_t C, int64_t splits) {
+  __shared__ A rn[kFinishRows][kLanes], rmean[kFinishRows][kLanes], rm2[kFinishRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx, g = blockIdx.y;
   const int64_t size = G * splits * C;
-  FASTSHIFT_GRID_STRIDE(i, G * C) {
-    const int64_t g = i / C, c = i % C;
-    A n = 0, mu = 0, m2 = 0;
-    for (int64_t s = 0; s < splits; ++s) {
+  A n = 0, mu = 0, m2 = 0;
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = ty; s < splits; s += kFinishRows) {
       const int64_t slot = (g * splits + s) * C + c;
       chan_merge(n, mu, m2, part[slot], part[size + slot], part[2 * size + slot]);
     }
-    mean[i] = mu;
-    var[i] = n > A(0) ? m2 / n : A(0);
+  }
+  rn[ty][tx] = n, rmean[ty][tx] = mu, rm2[ty][tx] = m2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+    for (int j = 1; j < kFinishRows; ++j) chan_merge(n, mu, m2, rn[j][tx], rmean[j][tx], rm2[j][tx]);
+    mean[g * C + c] = mu;
+    var[g * C + c] = n > A(0) ? m2 / n : A(0);
   }
 }
 
 // part[0 / 1][(g * splits + s) * C + c] = the slice's sums of g' and g' * xh, g' = relu ?
-// (xh > 0 ? dy : 0) : dy (the BN backward's two reductions in one pass).
+// (xh > 0 ? dy : 0) : dy (the BN backward's two reductions in one pass); dy's rows are ldy
+// apart (>= C), xh's C.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kLanes* kRows)
     bn_sums_partial_kernel(const T* __restrict__ dy, const T* __restrict__ xh,
-                           A* __restrict__ part, int64_t Mg, int64_t C, int64_t splits,
-                           bool relu) {
+                           A* __restrict__ part, int64_t Mg, int64_t C, int64_t ldy,
+                           int64_t splits, bool relu) {
   __shared__ A r1[kRows][kLanes], r2[kRows][kLanes];
   const int tx = threadIdx.x, ty = threadIdx.y;
   const int64_t c = blockIdx.x * (int64_t)kLanes + tx;
@@ -421,10 +451,11 @@ __global__ void __launch_bounds__(kLanes* kRows)
   const int64_t end = std::min(Mg, (s + 1) * per);
   A s1 = 0, s2 = 0;
   if (c < C) {
-    const int64_t base = g * Mg * C + c;
+    const T* xcol = xh + g * Mg * C + c;
+    const T* dcol = dy + g * Mg * ldy + c;
     for (int64_t p = s * per + ty; p < end; p += kRows) {
-      const A xv = static_cast<A>(xh[base + p * C]);
-      A gv = static_cast<A>(dy[base + p * C]);
+      const A xv = static_cast<A>(xcol[p * C]);
+      A gv = static_cast<A>(dcol[p * ldy]);
       if (relu && !(xv > A(0))) gv = A(0);
       s1 += gv;
       s2 += gv * xv;
@@ -439,21 +470,30 @@ __global__ void __launch_bounds__(kLanes* kRows)
   }
 }
 
-// a / b[g, c] = the slices' sums (in slice order) / Mg.
+// a / b[g, c] = the slices' sums / Mg; block and grid as moments_finish_kernel, same order.
 template <typename A>
-__global__ void bn_sums_finish_kernel(const A* __restrict__ part, A* __restrict__ a,
-                                      A* __restrict__ b, int64_t G, int64_t C, int64_t splits,
-                                      int64_t Mg) {
+__global__ void __launch_bounds__(kLanes* kFinishRows)
+    bn_sums_finish_kernel(const A* __restrict__ part, A* __restrict__ a, A* __restrict__ b,
+                          int64_t G, int64_t C, int64_t splits, int64_t Mg) {
+  __shared__ A r1[kFinishRows][kLanes], r2[kFinishRows][kLanes];
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  const int64_t c = blockIdx.x * (int64_t)kLanes + tx, g = blockIdx.y;
   const int64_t size = G * splits * C;
-  FASTSHIFT_GRID_STRIDE(i, G * C) {
-    const int64_t g = i / C, c = i % C;
-    A s1 = 0, s2 = 0;
-    for (int64_t s = 0; s < splits; ++s) {
+  A s1 = 0, s2 = 0;
+  if (c < C) {
+#pragma unroll 4
+    for (int64_t s = ty; s < splits; s += kFinishRows) {
       const int64_t slot = (g * splits + s) * C + c;
       s1 += part[slot], s2 += part[size + slot];
     }
-    a[i] = s1 / static_cast<A>(Mg);
-    b[i] = s2 / static_cast<A>(Mg);
+  }
+  r1[ty][tx] = s1, r2[ty][tx] = s2;
+  __syncthreads();
+  if (ty == 0 && c < C) {
+#pragma unroll
+    for (int j = 1; j < kFinishRows; ++j) s1 += r1[j][tx], s2 += r2[j][tx];
+    a[g * C + c] = s1 / static_cast<A>(Mg);
+    b[g * C + c] = s2 / static_cast<A>(Mg);
   }
 }
 
@@ -475,16 +515,17 @@ __global__ void normalize_kernel(T* __restrict__ z, T* __restrict__ y, const A* 
 }
 
 // dz = rstd * (dy' - a - xhat * b) (a != null: training) or rstd * dy'; dy' = relu ?
-// dy * (xh > 0) : dy; rstd = 1 / sqrt(var + eps).
+// dy * (xh > 0) : dy; rstd = 1 / sqrt(var + eps). dy's rows are ldy apart (>= C); xh and dz
+// are dense [M, C].
 template <typename T, typename A, typename I>
 __global__ void bn_input_grad_kernel(const T* __restrict__ dy, const T* __restrict__ xh,
                                      const A* __restrict__ var, A eps, const A* __restrict__ a,
                                      const A* __restrict__ b, T* __restrict__ dz, I M, I C,
-                                     I pixels_per_group, bool relu) {
+                                     I ldy, I pixels_per_group, bool relu) {
   for (I i = blockIdx.x * (I)blockDim.x + threadIdx.x; i < M * C; i += (I)blockDim.x * gridDim.x) {
-    const I c = i % C;
-    const I s = ((i / C) / pixels_per_group) * C + c;
-    A g = static_cast<A>(dy[i]);
+    const I c = i % C, p = i / C;
+    const I s = (p / pixels_per_group) * C + c;
+    A g = static_cast<A>(dy[p * ldy + c]);
     if (relu && !(static_cast<A>(xh[i]) > A(0))) g = A(0);
     const A rstd = rsqrt(var[s] + eps);
     const A v = a != nullptr ? rstd * (g - a[s] - static_cast<A>(xh[i]) * b[s]) : rstd * g;
@@ -526,51 +567,57 @@ std::tuple<at::Tensor, at::Tensor> group_moments(const at::Tensor& z2d, int64_t 
         <<<dim3(cblocks, splits, groups), dim3(kLanes, kRows), 0, stream>>>(
             z2d.const_data_ptr<scalar_t>(), part.data_ptr<A>(), Mg, C, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    moments_finish_kernel<A><<<blocks_for(groups * C), kThreads, 0, stream>>>(
+    moments_finish_kernel<A><<<dim3(cblocks, groups), dim3(kLanes, kFinishRows), 0, stream>>>(
         part.const_data_ptr<A>(), mean.data_ptr<A>(), var.data_ptr<A>(), groups, C, splits);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {mean, var};
 }
 
-// dz [M, C] of the BN (+ReLU) backward; `xh` is xhat (training) or the output y (eval).
+// dz [M, C] (dense) of the BN (+ReLU) backward; `xh` is xhat (training) or the output y (eval),
+// dense; dy2d's rows may be further apart than C (strided_pixel_rows: a channel range of a
+// channels-last gradient, read in place).
 at::Tensor bn_input_grad(const at::Tensor& dy2d, const at::Tensor& xh2d, const at::Tensor& var,
                          double eps, int64_t groups, bool training, bool relu) {
   const int64_t M = dy2d.size(0), C = dy2d.size(1);
-  at::Tensor dz = at::empty_like(dy2d);
+  at::Tensor dz = at::empty({M, C}, dy2d.options());
   if (M == 0) return dz;
-  TORCH_INTERNAL_ASSERT(dy2d.is_contiguous() && xh2d.is_contiguous());
+  const int64_t ldy = pixel_stride(dy2d);
+  TORCH_INTERNAL_ASSERT((C == 1 || dy2d.stride(1) == 1) && ldy >= C && xh2d.is_contiguous());
   TORCH_CHECK(groups <= 65535, "fastshift CUDA ops: at most 65535 row groups, got ", groups);
   const auto opts = dy2d.options().dtype(acc_dtype(dy2d));
   const at::Tensor var_acc = var.to(opts.dtype()).contiguous();
   const int64_t Mg = M / groups, cblocks = (C + kLanes - 1) / kLanes;
-  at::Tensor a, b;
+  at::Tensor buf;  // training: the slices' parts, then a and b [G, C] (one allocation)
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy2d.scalar_type(), "bn_input_grad",
                                   [&] {
     using A = at::acc_type<scalar_t, true>;
     auto stream = at::cuda::getCurrentCUDAStream();
+    A* a = nullptr;
+    A* b = nullptr;
     if (training) {
       const int64_t splits = column_splits(Mg, cblocks * groups);
-      at::Tensor part = at::empty({2, groups * splits * C}, opts);
-      a = at::empty({groups, C}, opts);
-      b = at::empty({groups, C}, opts);
+      const int64_t size = groups * splits * C;
+      buf = at::empty({2 * size + 2 * groups * C}, opts);
+      A* part = buf.data_ptr<A>();
+      a = part + 2 * size;
+      b = a + groups * C;
       bn_sums_partial_kernel<scalar_t, A>
           <<<dim3(cblocks, splits, groups), dim3(kLanes, kRows), 0, stream>>>(
-              dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(),
-              part.data_ptr<A>(), Mg, C, splits, relu);
+              dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(), part, Mg, C,
+              ldy, splits, relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
-      bn_sums_finish_kernel<A><<<blocks_for(groups * C), kThreads, 0, stream>>>(
-          part.const_data_ptr<A>(), a.data_ptr<A>(), b.data_ptr<A>(), groups, C, splits, Mg);
+      bn_sums_finish_kernel<A>
+          <<<dim3(cblocks, groups), dim3(kLanes, kFinishRows), 0, stream>>>(
+              part, a, b, groups, C, splits, Mg);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    with_index_type(M * C, [&](auto idx) {
+    with_index_type(M * ldy, [&](auto idx) {
       using I = decltype(idx);
       bn_input_grad_kernel<scalar_t, A, I><<<blocks_for(M * C), kThreads, 0, stream>>>(
           dy2d.const_data_ptr<scalar_t>(), xh2d.const_data_ptr<scalar_t>(),
-          var_acc.const_data_ptr<A>(), static_cast<A>(eps),
-          training ? a.const_data_ptr<A>() : nullptr,
-          training ? b.const_data_ptr<A>() : nullptr, dz.data_ptr<scalar_t>(), I(M), I(C),
-          I(Mg), relu);
+          var_acc.const_data_ptr<A>(), static_cast<A>(eps), a, b, dz.data_ptr<scalar_t>(),
+          I(M), I(C), I(ldy), I(Mg), relu);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
@@ -724,8 +771,9 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cuda(
           static_cast<int>(stride), splits);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
-    dw_weight_finish_kernel<scalar_t, A><<<blocks_for(C * K * K), kThreads, 0, stream>>>(
-        part.const_data_ptr<A>(), dw.data_ptr<scalar_t>(), K * K, splits, C);
+    dw_weight_finish_kernel<scalar_t, A>
+        <<<dim3((C + kLanes - 1) / kLanes, K * K), dim3(kLanes, kFinishRows), 0, stream>>>(
+            part.const_data_ptr<A>(), dw.data_ptr<scalar_t>(), K * K, splits, C);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {dx, dw};
@@ -736,15 +784,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cuda(
     const at::Tensor& var_in, int64_t groups, double eps, bool training) {
   check_pwconv_bn_relu(x_in, weight, mean_in, var_in, groups);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows_last(x_in);
-  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
-  const at::Tensor x2d = pixel_rows(x);
+  const int64_t R = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t O = weight.size(0);
+  // read in place where the pixels are evenly spaced (cuBLAS takes the row stride): a
+  // channel range of a channels-last tensor, as a stride-1 unit's second half, is no copy
+  const at::Tensor x2d = strided_pixel_rows(x_in);
   at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());
-  const auto acc = acc_dtype(x);
+  const auto acc = acc_dtype(x_in);
   if (!training) {
     normalize(z, z, mean_in.to(acc).contiguous(), var_in.to(acc).contiguous(), eps, groups,
               /*relu=*/true);
-    return {z.view({R, H, W, O}).permute({0, 3, 1, 2}), at::empty({0}, x.options()),
+    return {z.view({R, H, W, O}).permute({0, 3, 1, 2}), at::empty({0}, x_in.options()),
             mean_in.clone(), var_in.clone()};
   }
   at::Tensor y = at::empty_like(z);
@@ -753,11 +803,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cuda(
     std::tie(mean, var) = group_moments(z, groups);
     normalize(z, y, mean, var, eps, groups, /*relu=*/true);
   } else {
-    mean = at::zeros({groups, O}, x.options().dtype(acc));
-    var = at::zeros({groups, O}, x.options().dtype(acc));
+    mean = at::zeros({groups, O}, x_in.options().dtype(acc));
+    var = at::zeros({groups, O}, x_in.options().dtype(acc));
   }
   return {y.view({R, H, W, O}).permute({0, 3, 1, 2}), z.view({R, H, W, O}).permute({0, 3, 1, 2}),
-          mean.to(x.scalar_type()), var.to(x.scalar_type())};
+          mean.to(x_in.scalar_type()), var.to(x_in.scalar_type())};
 }
 
 std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cuda(
@@ -766,16 +816,16 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cuda(
     double eps, bool training) {
   check_pwconv_bn_relu(x_in, weight, var, var, groups);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = rows_last(x_in);
-  const int64_t R = x.size(0), C = x.size(1), H = x.size(2), W = x.size(3), O = weight.size(0);
+  const int64_t R = x_in.size(0), C = x_in.size(1), H = x_in.size(2), W = x_in.size(3);
+  const int64_t O = weight.size(0);
   TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({R, O, H, W}),
               "pwconv_bn_relu_backward: grad_y must be [", R, ", ", O, ", ", H, ", ", W,
               "], got ", grad_in.sizes());
-  const int64_t M = R * H * W;
-  const at::Tensor dy2d = pixel_rows(grad_in);
+  // x and grad_y read in place where their pixels are evenly spaced (the forward's comment)
+  const at::Tensor dy2d = strided_pixel_rows(grad_in);
   const at::Tensor xh2d = pixel_rows(training ? xhat_in : y_in);
   const at::Tensor dz = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/true);
-  const at::Tensor x2d = pixel_rows(x);
+  const at::Tensor x2d = strided_pixel_rows(x_in);
   at::Tensor dx = at::mm(dz, weight.reshape({O, C}));
   at::Tensor dw = at::mm(dz.t(), x2d);
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
