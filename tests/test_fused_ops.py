@@ -196,6 +196,42 @@ def test_pwconv_bn_relu_output_grad_as_channel_range(backend, device, dtype, sha
 
 
 @needs_c
+@pytest.mark.skipif(("cuda", "cuda") not in PAIRS, reason="needs a GPU and the CUDA bodies")
+def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
+    """The CUDA body's float32 1x1 products run in TF32 exactly while
+    torch.backends.cudnn.allow_tf32 is on (PyTorch's default; the tests turn it off), as the
+    1x1 conv they replace does in cuDNN: off, the error against float64 is float32's; on, it
+    is TF32's, and in both the gradients (x and weight) too."""
+    torch.manual_seed(0)
+    kw = dict(dtype=torch.float64, device="cuda")
+    x64 = torch.randn(8, 256, 9, 9, **kw)
+    w64 = torch.randn(96, 256, 1, 1, **kw) / 16
+    g64 = torch.randn(8, 96, 9, 9, **kw)
+
+    def run(backend, dtype):
+        x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        w = w64.to(dtype).requires_grad_()
+        y = ops.pwconv_bn_relu(x, w, None, None, training=True, backend=backend)
+        return [t.double() for t in (y, *torch.autograd.grad(y, (x, w), g64.to(dtype)))]
+
+    want = run("reference", torch.float64)
+
+    def errors(tf32):
+        old = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+        try:
+            got = run("cuda", torch.float32)
+        finally:
+            torch.backends.cudnn.allow_tf32 = old
+        return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
+
+    off, on = errors(False), errors(True)
+    for name, e_off, e_on in zip(("output", "grad x", "grad weight"), off, on):
+        assert e_off < 1e-5, f"{name}: float32 error {e_off:.3g} with TF32 off"
+        assert 5 * e_off < e_on < 2e-2, f"{name}: error {e_on:.3g} with TF32 on ({e_off:.3g} off)"
+
+
+@needs_c
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(backend, device, training):

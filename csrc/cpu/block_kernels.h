@@ -509,5 +509,24 @@ FASTSHIFT_KERNEL_DECLS(float)
 FASTSHIFT_KERNEL_DECLS(double)
 #undef FASTSHIFT_KERNEL_DECLS
 
+// What k_gemm / k_transpose call: one version per instruction-set level (multiversion.h), each
+// in its own translation unit (gemm_kernels.inc).
+#define FASTSHIFT_GEMM_DECLS(T, level)                                                          \
+  void gemm_##level(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,       \
+                    int64_t ldc, int64_t M, int64_t K, int64_t N, bool accumulate,             \
+                    const gemm::Store& e);                                                     \
+  void gemm_##level(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ldb, T* c,       \
+                    int64_t ldc, int64_t M, int64_t K, int64_t N, bool accumulate,             \
+                    const gemm::Moments& e);                                                   \
+  void transpose_##level(const T* src, int64_t rows, int64_t cols, T* dst, int64_t r0,        \
+                         int64_t r1);
+FASTSHIFT_GEMM_DECLS(float, v4)
+FASTSHIFT_GEMM_DECLS(float, v3)
+FASTSHIFT_GEMM_DECLS(float, base)
+FASTSHIFT_GEMM_DECLS(double, v4)
+FASTSHIFT_GEMM_DECLS(double, v3)
+FASTSHIFT_GEMM_DECLS(double, base)
+#undef FASTSHIFT_GEMM_DECLS
+
 }  // namespace cpu_block
 }  // namespace fastshift

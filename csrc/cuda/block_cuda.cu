@@ -14,12 +14,15 @@
 //   formula), the two BN-backward sums another, each with a small finishing kernel, in a fixed
 //   order (deterministic); the normalisation (+ReLU) and the BN input gradient are one
 //   elementwise kernel each (32-bit index arithmetic when the tensor allows it);
-//   the 1x1 convs are at::mm (cuBLAS).
+//   the 1x1 convs are cuBLAS products reading the pixel rows in place at their stride: at::mm,
+//   or for float32 while torch.backends.cudnn.allow_tf32 is on (PyTorch's default, which the
+//   1x1 conv they replace follows in cuDNN) cublasGemmEx with TF32 tensor-core math.
 // float16/bfloat16 accumulate in float32; statistics are returned in the input dtype.
 #include <ATen/ATen.h>
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/Exceptions.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
@@ -643,6 +646,55 @@ void normalize(at::Tensor& z2d, at::Tensor& y2d, const at::Tensor& mean, const a
   });
 }
 
+// Whether the float32 products of a 1x1 layer run in TF32: as the 1x1 conv it replaces does in
+// cuDNN (torch.backends.cudnn.allow_tf32, on by default), and only for sizes cuBLAS's 32-bit
+// arguments take and no empty operand (else at::mm, which follows the matmul flag).
+bool pw_tf32(const at::Tensor& x, int64_t M, int64_t C, int64_t O) {
+  constexpr int64_t kMax = std::numeric_limits<int>::max();
+  return x.scalar_type() == at::kFloat && M > 0 && C > 0 && O > 0 && M < kMax && C < kMax &&
+         O < kMax && at::globalContext().allowTF32CuDNN();
+}
+
+// c [m x n] = op(a) op(b), column-major (cuBLAS's convention; the callers pass row-major
+// matrices as their transposes), float32 with TF32 tensor-core math.
+void gemm_tf32(bool ta, bool tb, int64_t m, int64_t n, int64_t k, const float* a, int64_t lda,
+               const float* b, int64_t ldb, float* c, int64_t ldc) {
+  const float alpha = 1.0f, beta = 0.0f;
+  TORCH_CUDABLAS_CHECK(cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), ta ? CUBLAS_OP_T : CUBLAS_OP_N,
+      tb ? CUBLAS_OP_T : CUBLAS_OP_N, static_cast<int>(m), static_cast<int>(n),
+      static_cast<int>(k), &alpha, a, CUDA_R_32F, static_cast<int>(lda), b, CUDA_R_32F,
+      static_cast<int>(ldb), &beta, c, CUDA_R_32F, static_cast<int>(ldc),
+      CUBLAS_COMPUTE_32F_FAST_TF32, CUBLAS_GEMM_DEFAULT));
+}
+
+// z [M, O] = x2d [M, C] (rows ldx apart) w [O, C]^T.
+at::Tensor pw_product(const at::Tensor& x2d, const at::Tensor& w2d) {
+  const int64_t M = x2d.size(0), C = x2d.size(1), O = w2d.size(0);
+  if (!pw_tf32(x2d, M, C, O)) return at::mm(x2d, w2d.t());
+  at::Tensor z = at::empty({M, O}, x2d.options());
+  // z^T [O x M] = w (read as [C x O]) transposed, times x2d^T ([C x M], ld = the row stride)
+  gemm_tf32(true, false, O, M, C, w2d.const_data_ptr<float>(), C, x2d.const_data_ptr<float>(),
+            pixel_stride(x2d), z.data_ptr<float>(), O);
+  return z;
+}
+
+// dx [M, C] = dz [M, O] w [O, C], dw [O, C] = dz^T x2d (x2d's rows ldx apart).
+std::tuple<at::Tensor, at::Tensor> pw_products_backward(const at::Tensor& dz,
+                                                        const at::Tensor& x2d,
+                                                        const at::Tensor& w2d) {
+  const int64_t M = x2d.size(0), C = x2d.size(1), O = w2d.size(0);
+  if (!pw_tf32(x2d, M, C, O)) return {at::mm(dz, w2d), at::mm(dz.t(), x2d)};
+  at::Tensor dx = at::empty({M, C}, x2d.options()), dw = at::empty({O, C}, x2d.options());
+  // dx^T [C x M] = w^T ([C x O]) dz^T ([O x M])
+  gemm_tf32(false, false, C, M, O, w2d.const_data_ptr<float>(), C, dz.const_data_ptr<float>(),
+            O, dx.data_ptr<float>(), C);
+  // dw^T [C x O] = x2d^T ([C x M], ld = the row stride) dz ([M x O], dz^T read transposed)
+  gemm_tf32(false, true, C, O, M, x2d.const_data_ptr<float>(), pixel_stride(x2d),
+            dz.const_data_ptr<float>(), O, dw.data_ptr<float>(), C);
+  return {dx, dw};
+}
+
 // The [K*K, C] tap-major weights of a [C, 1, K, K] depthwise weight (the generic kernels').
 at::Tensor taps_by_channel(const at::Tensor& weight) {
   const int64_t C = weight.size(0), K = weight.size(2);
@@ -789,7 +841,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cuda(
   // read in place where the pixels are evenly spaced (cuBLAS takes the row stride): a
   // channel range of a channels-last tensor, as a stride-1 unit's second half, is no copy
   const at::Tensor x2d = strided_pixel_rows(x_in);
-  at::Tensor z = at::mm(x2d, weight.reshape({O, C}).t());
+  at::Tensor z = pw_product(x2d, weight.reshape({O, C}).contiguous());
   const auto acc = acc_dtype(x_in);
   if (!training) {
     normalize(z, z, mean_in.to(acc).contiguous(), var_in.to(acc).contiguous(), eps, groups,
@@ -826,8 +878,7 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cuda(
   const at::Tensor xh2d = pixel_rows(training ? xhat_in : y_in);
   const at::Tensor dz = bn_input_grad(dy2d, xh2d, var, eps, groups, training, /*relu=*/true);
   const at::Tensor x2d = strided_pixel_rows(x_in);
-  at::Tensor dx = at::mm(dz, weight.reshape({O, C}));
-  at::Tensor dw = at::mm(dz.t(), x2d);
+  auto [dx, dw] = pw_products_backward(dz, x2d, weight.reshape({O, C}).contiguous());
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
 }
 

@@ -1,5 +1,6 @@
 // CUDA bodies of the channel shuffle ops: one thread per element, vector-free grid-stride copy.
-// (channel_split / channel_interleave below, then shuffle_cat and its backward.)
+// (channel_split / channel_interleave below, then shuffle_cat and its backward.) Channels-last
+// tensors (the fused block path) take one thread per pixel and half channel instead.
 //
 // Element (b, c, i) of half tensor p (i indexes the H*W plane) is element (b, 2c + p, i) of the
 // full tensor; the kernel walks the half tensors and gathers/scatters the full one.
@@ -9,6 +10,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
+#include "../block_checks.h"
 #include "../shuffle_checks.h"
 
 namespace fastshift {
@@ -35,6 +37,49 @@ __global__ void shuffle_kernel(scalar_t* __restrict__ full, scalar_t* __restrict
   }
 }
 
+// Channels-last: pixel p's channels are a run (rows of [P, C]); half channel j of pixel p is
+// channel 2j + parity. One thread per (p, j) moves both parities; full's pixels are sf apart,
+// even's se, odd's so (each a dense channel run: a channel range of a channels-last tensor is
+// read or written in place).
+template <typename scalar_t, bool to_halves>
+__global__ void shuffle_rows_kernel(scalar_t* __restrict__ full, scalar_t* __restrict__ even,
+                                    scalar_t* __restrict__ odd, int64_t half_numel, int64_t half,
+                                    int64_t sf, int64_t se, int64_t so) {
+  for (int64_t idx = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; idx < half_numel;
+       idx += (int64_t)blockDim.x * gridDim.x) {
+    const int64_t p = idx / half, j = idx - p * half;
+    scalar_t* f = full + p * sf + 2 * j;
+    if (to_halves) {
+      even[p * se + j] = f[0];
+      odd[p * so + j] = f[1];
+    } else {
+      f[0] = even[p * se + j];
+      f[1] = odd[p * so + j];
+    }
+  }
+}
+
+// shuffle_rows_kernel over the [P, 2h] / [P, h] pixel rows of full / even / odd (each with
+// dense channels: strided_pixel_rows or a fresh channels-last tensor's pixel_rows).
+template <bool to_halves>
+void launch_rows(const at::Tensor& full, const at::Tensor& even, const at::Tensor& odd) {
+  const int64_t half_numel = even.numel();
+  if (half_numel == 0) return;
+  const int threads = 256;
+  const int64_t blocks = std::min<int64_t>((half_numel + threads - 1) / threads, 65535 * 8);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "channel_shuffle",
+                                  [&] {
+                                    shuffle_rows_kernel<scalar_t, to_halves>
+                                        <<<blocks, threads, 0, stream>>>(
+                                            full.data_ptr<scalar_t>(), even.data_ptr<scalar_t>(),
+                                            odd.data_ptr<scalar_t>(), half_numel, even.size(1),
+                                            pixel_stride(full), pixel_stride(even),
+                                            pixel_stride(odd));
+                                  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
 template <bool to_halves>
 void launch(const at::Tensor& full, const at::Tensor& even, const at::Tensor& odd) {
   const int64_t half_numel = even.numel();
@@ -57,10 +102,13 @@ void launch(const at::Tensor& full, const at::Tensor& even, const at::Tensor& od
 std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
   check_channel_split(x_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  if (rows_last_layout(x_in)) {  // strided copies of the channel-sliced views (ATen)
-    const auto cl = at::MemoryFormat::ChannelsLast;
-    return {x_in.slice(1, 0, x_in.size(1), 2).contiguous(cl),
-            x_in.slice(1, 1, x_in.size(1), 2).contiguous(cl)};
+  if (rows_last_layout(x_in)) {  // one pass over the pixel rows, x read in place
+    at::Tensor even = empty_in_layout(x_in, x_in.size(1) / 2, true);
+    at::Tensor odd = empty_in_layout(x_in, x_in.size(1) / 2, true);
+    if (even.numel() > 0) {
+      launch_rows<true>(strided_pixel_rows(x_in), pixel_rows(even), pixel_rows(odd));
+    }
+    return {even, odd};
   }
   const at::Tensor x = x_in.contiguous();
   at::Tensor even = empty_in_layout(x, x.size(1) / 2, false);
@@ -72,10 +120,12 @@ std::tuple<at::Tensor, at::Tensor> channel_split_cuda(const at::Tensor& x_in) {
 at::Tensor channel_interleave_cuda(const at::Tensor& even_in, const at::Tensor& odd_in) {
   check_channel_interleave(even_in, odd_in);
   const c10::cuda::CUDAGuard guard(even_in.device());
-  if (rows_last_layout(even_in)) {
+  if (rows_last_layout(even_in)) {  // one pass, the halves read in place
     at::Tensor out = empty_in_layout(even_in, 2 * even_in.size(1), true);
-    out.slice(1, 0, out.size(1), 2).copy_(even_in);
-    out.slice(1, 1, out.size(1), 2).copy_(odd_in);
+    if (even_in.numel() > 0) {
+      launch_rows<false>(pixel_rows(out), strided_pixel_rows(even_in),
+                         strided_pixel_rows(odd_in));
+    }
     return out;
   }
   const at::Tensor even = even_in.contiguous();
