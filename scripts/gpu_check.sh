@@ -25,7 +25,7 @@
 #
 # BASELINE=DIR (optional): a source tree of another commit (e.g. `git archive REV | tar -x -C
 # DIR`, carried to the machine), built beside this one (half the cores each; the two builds
-# together did not finish within 240 s on an H200 machine, so give the call little else) and
+# together did not finish within 240 s on an H200 machine when one build took 352 s) and
 # timed by the same ops_block, profile and search steps right after this tree's (steps
 # *_base), so the A/B runs on one machine.
 #
@@ -115,10 +115,10 @@ if [ -n "$BASE" ]; then
     echo "build_base rc=$?" >> "$W/summary.txt" ) &
   BASE_BUILD=$!
 fi
-# The build took about 6 minutes on a lent H200 machine (352 s measured 2026-11-27, almost all
-# of it csrc/cpu/block_cpu.cpp at -O3 with its per-ISA clones, before those kernels were split
-# per dtype to compile in parallel; not re-measured there since), so leave it room and SKIP
-# steps that a call of at most 10 minutes cannot fit.
+# The build on a lent H200 machine (16 cores): 352 s when the CPU kernels were one translation
+# unit, 210 s split per dtype, 117 s with the CPU 1x1 products split per dtype and
+# instruction-set level as well (all measured 2026-11-27). The limit leaves room for a slower
+# machine; SKIP steps that a call of at most 10 minutes cannot fit.
 step build 420 "$PY" setup.py build_ext --inplace || {
   echo "build failed: nothing else can run"; tail -n 40 "$W/build.log"; exit 1; }
 if [ -n "$BASE" ]; then

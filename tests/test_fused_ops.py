@@ -200,21 +200,30 @@ def test_pwconv_bn_relu_output_grad_as_channel_range(backend, device, dtype, sha
 def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
     """The CUDA body's float32 1x1 products run in TF32 exactly while
     torch.backends.cudnn.allow_tf32 is on (PyTorch's default; the tests turn it off), as the
-    1x1 conv they replace does in cuDNN: off, the error against float64 is float32's; on, it
-    is TF32's, and in both the gradients (x and weight) too."""
+    1x1 conv they replace does in cuDNN: off, the errors against float64 (output, grad x, grad
+    weight) are float32's; on, TF32's. Eval mode with the running mean far below every output,
+    so no ReLU mask differs between the precisions (a pixel whose normalised value is within
+    TF32's error of 0 flips its mask, and its whole row of the input gradient with it: an
+    error of about 7 % of the largest gradient, measured on an H200 in training mode); the
+    input is a channel range, so the products read rows at their pixel stride."""
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, device="cuda")
-    x64 = torch.randn(8, 256, 9, 9, **kw)
+    wide = torch.randn(8, 300, 9, 9, **kw)
     w64 = torch.randn(96, 256, 1, 1, **kw) / 16
     g64 = torch.randn(8, 96, 9, 9, **kw)
+    shift = 50.0
+    mean, var = torch.full((96,), -shift, **kw), torch.ones(96, **kw)
 
     def run(backend, dtype):
-        x = x64.to(dtype).contiguous(memory_format=torch.channels_last).requires_grad_()
+        x = wide.to(dtype).contiguous(memory_format=torch.channels_last)[:, 44:].requires_grad_()
         w = w64.to(dtype).requires_grad_()
-        y = ops.pwconv_bn_relu(x, w, None, None, training=True, backend=backend)
-        return [t.double() for t in (y, *torch.autograd.grad(y, (x, w), g64.to(dtype)))]
+        y = ops.pwconv_bn_relu(x, w, mean.to(dtype), var.to(dtype), training=False,
+                               backend=backend)
+        gx, gw = torch.autograd.grad(y, (x, w), g64.to(dtype))
+        return [t.double() for t in (y - shift, gx, gw)]
 
     want = run("reference", torch.float64)
+    assert want[0].min().item() > -shift / 2  # every ReLU passes
 
     def errors(tf32):
         old = torch.backends.cudnn.allow_tf32
@@ -227,8 +236,8 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
 
     off, on = errors(False), errors(True)
     for name, e_off, e_on in zip(("output", "grad x", "grad weight"), off, on):
-        assert e_off < 1e-5, f"{name}: float32 error {e_off:.3g} with TF32 off"
-        assert 5 * e_off < e_on < 2e-2, f"{name}: error {e_on:.3g} with TF32 on ({e_off:.3g} off)"
+        assert e_off < 1e-4, f"{name}: float32 error {e_off:.3g} with TF32 off"
+        assert 5 * e_off < e_on < 1e-2, f"{name}: error {e_on:.3g} with TF32 on ({e_off:.3g} off)"
 
 
 @needs_c
