@@ -1,13 +1,4 @@
-// The 1x1 products for float at instruction-set level v4 (gemm_kernels.inc, multiversion.h).
-#include "block_kernels.h"
-#include "multiversion.h"
-#if FASTSHIFT_ISA_LEVELS
-namespace fastshift {
-namespace cpu_block {
-using KernelT = float;
-}  // namespace cpu_block
-}  // namespace fastshift
+// The 1x1 products for float at x86-64-v4 (gemm_kernels.inc).
+#define FASTSHIFT_GEMM_T float
 #define FASTSHIFT_GEMM_LEVEL v4
-#define FASTSHIFT_GEMM_ATTR FASTSHIFT_TARGET_V4
 #include "gemm_kernels.inc"
-#endif

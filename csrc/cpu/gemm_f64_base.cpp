@@ -1,11 +1,4 @@
-// The 1x1 products for double at instruction-set level base (gemm_kernels.inc, multiversion.h).
-#include "block_kernels.h"
-#include "multiversion.h"
-namespace fastshift {
-namespace cpu_block {
-using KernelT = double;
-}  // namespace cpu_block
-}  // namespace fastshift
+// The 1x1 products for double at the generic level (gemm_kernels.inc).
+#define FASTSHIFT_GEMM_T double
 #define FASTSHIFT_GEMM_LEVEL base
-#define FASTSHIFT_GEMM_ATTR FASTSHIFT_TARGET_BASE
 #include "gemm_kernels.inc"

@@ -16,6 +16,13 @@
 namespace fastshift {
 namespace {
 
+constexpr int kThreads = 256;
+
+// Blocks of kThreads for a grid-stride loop over n elements (at most 8 per 65535).
+inline int64_t grid_blocks(int64_t n) {
+  return std::min<int64_t>((n + kThreads - 1) / kThreads, 65535 * 8);
+}
+
 template <typename scalar_t, bool to_halves>
 __global__ void shuffle_kernel(scalar_t* __restrict__ full, scalar_t* __restrict__ even,
                                scalar_t* __restrict__ odd, int64_t half_numel,
@@ -65,13 +72,12 @@ template <bool to_halves>
 void launch_rows(const at::Tensor& full, const at::Tensor& even, const at::Tensor& odd) {
   const int64_t half_numel = even.numel();
   if (half_numel == 0) return;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((half_numel + threads - 1) / threads, 65535 * 8);
+  const int64_t blocks = grid_blocks(half_numel);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "channel_shuffle",
                                   [&] {
                                     shuffle_rows_kernel<scalar_t, to_halves>
-                                        <<<blocks, threads, 0, stream>>>(
+                                        <<<blocks, kThreads, 0, stream>>>(
                                             full.data_ptr<scalar_t>(), even.data_ptr<scalar_t>(),
                                             odd.data_ptr<scalar_t>(), half_numel, even.size(1),
                                             pixel_stride(full), pixel_stride(even),
@@ -84,14 +90,13 @@ template <bool to_halves>
 void launch(const at::Tensor& full, const at::Tensor& even, const at::Tensor& odd) {
   const int64_t half_numel = even.numel();
   if (half_numel == 0) return;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((half_numel + threads - 1) / threads, 65535 * 8);
+  const int64_t blocks = grid_blocks(half_numel);
   const int64_t plane = even.size(2) * even.size(3);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, full.scalar_type(), "channel_shuffle",
                                   [&] {
                                     shuffle_kernel<scalar_t, to_halves>
-                                        <<<blocks, threads, 0, stream>>>(
+                                        <<<blocks, kThreads, 0, stream>>>(
                                             full.data_ptr<scalar_t>(), even.data_ptr<scalar_t>(),
                                             odd.data_ptr<scalar_t>(), half_numel, even.size(1),
                                             plane);
@@ -186,13 +191,12 @@ void launch_shuffle_cat(const at::Tensor& out, const at::Tensor& a, const at::Te
   const int64_t C = out.size(1), Ca = a.size(1), H = out.size(2), W = out.size(3);
   const int64_t numel = out.numel();
   if (numel == 0) return;
-  const int threads = 256;
-  const int64_t blocks = std::min<int64_t>((numel + threads - 1) / threads, 65535 * 8);
+  const int64_t blocks = grid_blocks(numel);
   auto stream = at::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "shuffle_cat",
                                   [&] {
                                     shuffle_cat_kernel<scalar_t, backward>
-                                        <<<blocks, threads, 0, stream>>>(
+                                        <<<blocks, kThreads, 0, stream>>>(
                                             out.data_ptr<scalar_t>(), strides_of(out),
                                             a.data_ptr<scalar_t>(), strides_of(a),
                                             b.data_ptr<scalar_t>(), strides_of(b), numel, C, Ca,

@@ -279,6 +279,9 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
 
     ``x [G*N, C, H, W]``, ``weight [O, C, 1, 1]``; statistics ``[G, O]`` as in
     :func:`dwconv_bn`. Returns ``[G*N, O, H, W]``. Equivalent to ``reference.pwconv_bn_relu``.
+    Precision: float32 products on CUDA run in TF32 while ``torch.backends.cudnn.allow_tf32``
+    is on (PyTorch's default), as the reference's ``conv2d`` does in cuDNN; with it off, in
+    true float32 (the tests' setting).
     """
     name = resolve_backend(backend, x.device)
     if name == "reference":
@@ -305,7 +308,8 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
     Same values, gradients (x and every weight) and running statistics as calling those ops in
     turn (``reference.conv_bn_chain``); one autograd node and one op call for the whole chain
     instead of one per layer. Returns the last layer's output (channels-last from the compiled
-    backends).
+    backends). Its 1x1 layers follow ``torch.backends.cudnn.allow_tf32`` on CUDA as
+    :func:`pwconv_bn_relu` does.
     """
     name = resolve_backend(backend, x.device)
     layers = [int(k) for k in layers]
