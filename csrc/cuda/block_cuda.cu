@@ -432,7 +432,9 @@ __global__ void __launch_bounds__(kLanes* kFinishRows)
   rn[ty][tx] = n, rmean[ty][tx] = mu, rm2[ty][tx] = m2;
   __syncthreads();
   if (ty == 0 && c < C) {
-    for (int j = 1; j < kFinishRows; ++j) chan_merge(n, mu, m2, rn[j][tx], rmean[j][tx], rm2[j][tx]);
+    for (int j = 1; j < kFinishRows; ++j) {
+      chan_merge(n, mu, m2, rn[j][tx], rmean[j][tx], rm2[j][tx]);
+    }
     mean[g * C + c] = mu;
     var[g * C + c] = n > A(0) ? m2 / n : A(0);
   }
