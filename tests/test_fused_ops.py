@@ -201,11 +201,12 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
     """The CUDA body's float32 1x1 products run in TF32 exactly while
     torch.backends.cudnn.allow_tf32 is on (PyTorch's default; the tests turn it off), as the
     1x1 conv they replace does in cuDNN: off, the errors against float64 (output, grad x, grad
-    weight) are float32's; on, TF32's. Eval mode with the running mean far below every output,
-    so no ReLU mask differs between the precisions (a pixel whose normalised value is within
-    TF32's error of 0 flips its mask, and its whole row of the input gradient with it: an
-    error of about 7 % of the largest gradient, measured on an H200 in training mode); the
-    input is a channel range, so the products read rows at their pixel stride."""
+    weight) are float32's; on, TF32's; with torch's per-operation settings (conv and RNN
+    apart) the conv one decides, without an error. Eval mode with the running mean far below
+    every output, so no ReLU mask differs between the precisions (a pixel whose normalised
+    value is within TF32's error of 0 flips its mask, and its whole row of the input gradient
+    with it: an error of about 7 % of the largest gradient, measured on an H200 in training
+    mode); the input is a channel range, so the products read rows at their pixel stride."""
     torch.manual_seed(0)
     kw = dict(dtype=torch.float64, device="cuda")
     wide = torch.randn(8, 300, 9, 9, **kw)
@@ -225,19 +226,39 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
     want = run("reference", torch.float64)
     assert want[0].min().item() > -shift / 2  # every ReLU passes
 
-    def errors(tf32):
-        old = torch.backends.cudnn.allow_tf32
-        torch.backends.cudnn.allow_tf32 = tf32
+    cudnn = torch.backends.cudnn
+    per_op = hasattr(cudnn, "conv") and hasattr(cudnn.conv, "fp32_precision")
+
+    def errors(conv_tf32, rnn_tf32=None):
+        """The errors with cuDNN's TF32 flag set (rnn_tf32 None), or its conv and RNN settings
+        apart (torch's per-operation API: the conv one must decide)."""
+        old = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) if per_op else None
+        old_flag = cudnn.allow_tf32 if not per_op else None
+        if rnn_tf32 is None:
+            cudnn.allow_tf32 = conv_tf32
+        else:
+            cudnn.conv.fp32_precision = "tf32" if conv_tf32 else "ieee"
+            cudnn.rnn.fp32_precision = "tf32" if rnn_tf32 else "ieee"
         try:
             got = run("cuda", torch.float32)
         finally:
-            torch.backends.cudnn.allow_tf32 = old
+            if per_op:
+                cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = old
+            else:
+                cudnn.allow_tf32 = old_flag
         return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
 
-    off, on = errors(False), errors(True)
-    for name, e_off, e_on in zip(("output", "grad x", "grad weight"), off, on):
-        assert e_off < 1e-4, f"{name}: float32 error {e_off:.3g} with TF32 off"
-        assert 5 * e_off < e_on < 1e-2, f"{name}: error {e_on:.3g} with TF32 on ({e_off:.3g} off)"
+    cases = {"off": errors(False), "on": errors(True)}
+    if per_op:
+        cases["conv off, rnn on"] = errors(False, True)
+        cases["conv on, rnn off"] = errors(True, False)
+    names = ("output", "grad x", "grad weight")
+    for case, errs in cases.items():
+        for name, e, e_off in zip(names, errs, cases["off"]):
+            if case.startswith("off") or case.startswith("conv off"):
+                assert e < 1e-4, f"{name}: float32 error {e:.3g} with TF32 {case}"
+            else:
+                assert 5 * e_off < e < 1e-2, f"{name}: error {e:.3g} with TF32 {case}"
 
 
 @needs_c

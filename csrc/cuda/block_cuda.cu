@@ -27,6 +27,8 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <optional>
+#include <string>
 #include <type_traits>
 
 #include "../block_checks.h"
@@ -648,13 +650,36 @@ void normalize(at::Tensor& z2d, at::Tensor& y2d, const at::Tensor& mean, const a
   });
 }
 
+// The "conv" operation of ATen's cuDNN TF32 setting, for the torch versions whose
+// Context::allowTF32CuDNN takes an operation: by name (std::string) or as the Float32Op enum.
+struct ConvOp {
+  operator std::string() const { return "conv"; }
+  template <typename E, typename = std::enable_if_t<std::is_enum_v<E>>>
+  operator std::optional<E>() const {
+    return E::CONV;
+  }
+};
+
+// Whether cuDNN runs float32 convolutions in TF32 (torch.backends.cudnn.allow_tf32, or
+// torch.backends.cudnn.conv.fp32_precision): asked for the conv operation where the installed
+// torch takes one (its question without one fails when the conv and RNN settings differ),
+// else the single flag of older versions.
+template <typename Ctx>
+auto conv_allows_tf32(const Ctx& ctx, int) -> decltype(bool(ctx.allowTF32CuDNN(ConvOp{}))) {
+  return ctx.allowTF32CuDNN(ConvOp{});
+}
+template <typename Ctx>
+bool conv_allows_tf32(const Ctx& ctx, long) {
+  return ctx.allowTF32CuDNN();
+}
+
 // Whether the float32 products of a 1x1 layer run in TF32: as the 1x1 conv it replaces does in
-// cuDNN (torch.backends.cudnn.allow_tf32, on by default), and only for sizes cuBLAS's 32-bit
-// arguments take and no empty operand (else at::mm, which follows the matmul flag).
+// cuDNN (on by default), and only for sizes cuBLAS's 32-bit arguments take and no empty
+// operand (else at::mm, which follows the matmul setting).
 bool pw_tf32(const at::Tensor& x, int64_t M, int64_t C, int64_t O) {
   constexpr int64_t kMax = std::numeric_limits<int>::max();
   return x.scalar_type() == at::kFloat && M > 0 && C > 0 && O > 0 && M < kMax && C < kMax &&
-         O < kMax && at::globalContext().allowTF32CuDNN();
+         O < kMax && conv_allows_tf32(at::globalContext(), 0);
 }
 
 // c [m x n] = op(a) op(b), column-major (cuBLAS's convention; the callers pass row-major
