@@ -232,7 +232,8 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
     def errors(conv_tf32, rnn_tf32=None):
         """The errors with cuDNN's TF32 flag set (rnn_tf32 None), or its conv and RNN settings
         apart (torch's per-operation API: the conv one must decide)."""
-        old = (cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) if per_op else cudnn.allow_tf32
+        old = (cudnn.allow_tf32,
+               *((cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision) if per_op else ()))
         if rnn_tf32 is None:
             cudnn.allow_tf32 = conv_tf32
         else:
@@ -241,12 +242,15 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
         try:
             got = run("cuda", torch.float32)
         finally:
+            # the flag first (it sets the per-operation settings), then those exactly:
+            # restoring only the per-operation ones after the flag was set leaves the flag
+            # apart from them, and reading it then raises (torch 2.14.1, checked on CPU)
+            cudnn.allow_tf32 = old[0]
             if per_op:
-                cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = old
-            else:
-                cudnn.allow_tf32 = old
+                cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = old[1:]
         return [((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want)]
 
+    start = cudnn.allow_tf32
     off = errors(False)
     cases = {"off": (False, off), "on": (True, errors(True))}  # case: (TF32 expected, errors)
     if per_op:
@@ -259,6 +263,7 @@ def test_cuda_pwconv_follows_the_cudnn_tf32_flag():
                 assert e < 1e-4, f"{name}: float32 error {e:.3g} with TF32 {case}"
             else:
                 assert 5 * e_off < e < 1e-2, f"{name}: error {e:.3g} with TF32 {case}"
+    assert cudnn.allow_tf32 == start, "the test left cuDNN's TF32 setting changed"
 
 
 @needs_c
