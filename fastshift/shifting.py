@@ -29,8 +29,8 @@ from .engine import PathStats, plan_chunks
 from .ops import tune_cpu_allocator
 from .space import Arch
 
-__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "seeded_rng", "score_architectures",
-           "UPDATE_MODES", "ZERO_GRAD_MODES"]
+__all__ = ["FitnessConfig", "Shifter", "make_optimizer", "load_optimizer_state", "seeded_rng",
+           "score_architectures", "UPDATE_MODES", "ZERO_GRAD_MODES"]
 
 UPDATE_MODES = ("step", "candidate", "generation")
 ZERO_GRAD_MODES = ("none", "zeros")
@@ -87,13 +87,50 @@ class FitnessConfig:
 
 
 def make_optimizer(net: nn.Module, lr: float, momentum: float, weight_decay: float):
-    """SGD with weight decay on parameters of dim > 1 only (the released ``get_parameters``)."""
-    decay = [p for p in net.parameters() if p.dim() > 1]
-    no_decay = [p for p in net.parameters() if p.dim() <= 1]
+    """SGD with weight decay on parameters of dim > 1 only (the released ``get_parameters``).
+
+    With every parameter on the CPU, PyTorch's fused SGD kernel (``fused=True``): one pass over
+    parameter, gradient and momentum buffer per tensor instead of the four elementwise ops of
+    the default per-tensor loop, which on a CPU are memory-bound (the whole SPOS supernet, 8.4M
+    parameters, 9.4 -> 5.0 ms per step on the 2-core CPU of the README). Same formulas; the
+    values equal the loop's except in the last bit of some elements of a tensor's last
+    partial vector, where the two kernels round differently. Elsewhere PyTorch's default."""
+    params = list(net.parameters())
+    decay = [p for p in params if p.dim() > 1]
+    no_decay = [p for p in params if p.dim() <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum)
+    fused = bool(params) and all(p.device.type == "cpu" and p.is_floating_point() for p in params)
+    optimizer = torch.optim.SGD(groups, lr=lr, momentum=momentum, fused=fused or None)
+    if fused:
+        optimizer.register_step_pre_hook(_start_momentum_buffers)
+    return optimizer
+
+
+def _start_momentum_buffers(optimizer, args, kwargs):
+    """Zero momentum buffers for the parameters about to take their first step. PyTorch's
+    fused SGD starts buffers (buffer = gradient) only when no parameter of a group has one yet,
+    and fails on a group where some have; in a supernet blocks get their first gradient at
+    different steps. A zero buffer gives the same first step: 0 * momentum + gradient."""
+    for group in optimizer.param_groups:
+        if group["momentum"] == 0:
+            continue
+        for p in group["params"]:
+            if p.grad is not None:
+                state = optimizer.state[p]
+                if state.get("momentum_buffer") is None:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict):
+    """``optimizer.load_state_dict(state)`` keeping the optimizer's own implementation choice
+    (``fused`` / ``foreach``, see :func:`make_optimizer`): a state saved on another device
+    brings its device's choice in its parameter groups."""
+    keep = [{k: g.get(k) for k in ("fused", "foreach")} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, keep):
+        group.update(flags)
 
 
 @contextlib.contextmanager
@@ -147,7 +184,7 @@ class Shifter:
         self.version = int(state["version"])
         self._pending = int(state["pending"])
         if self.optimizer is not None:
-            self.optimizer.load_state_dict(state["optimizer"])
+            load_optimizer_state(self.optimizer, state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         present = set(state.get("grad_present", []))
         for i, p in enumerate(self.net.parameters()):

@@ -19,7 +19,7 @@ from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save
 from .data import BatchStream
 from .ops import tune_cpu_allocator
-from .shifting import make_optimizer, seeded_rng
+from .shifting import load_optimizer_state, make_optimizer, seeded_rng
 from .supernet import Supernet
 
 __all__ = ["train_supernet", "sample_path", "TRAIN_CHECKPOINT_NAME"]
@@ -102,7 +102,7 @@ def train_supernet(
             raise ValueError(f"{ckpt_path} is not a checkpoint of this training run "
                              f"(iterations {state.get('iterations')} vs {iterations})")
         net.load_state_dict(state["supernet"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_optimizer_state(optimizer, state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         stream.load_state_dict(state["stream"])
         rng.bit_generator.state = state["rng"]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import fastshift
 from fastshift.data import BatchStream, EvalSet
 from fastshift.search import CHECKPOINT_NAME
-from fastshift.shifting import FitnessConfig, Shifter
+from fastshift.shifting import FitnessConfig, Shifter, load_optimizer_state, make_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = dict(population=6, top_k=2, mutations=3, crossovers=2, generations=2, train_steps=2,
@@ -69,6 +69,68 @@ def test_shifting_fitness_equals_released_loop(trained_state, digits_space, digi
         for (k, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=k)
     assert shifter.version == 6
+
+
+def _sgd_steps(net, optimizer, steps=6):
+    """``steps`` optimizer steps on fixed pseudo-random gradients; one parameter gets its
+    first gradient at the third step and another skips the fourth (no gradient), as blocks
+    of a supernet do. Returns the parameters."""
+    g = torch.Generator().manual_seed(3)
+    params = list(net.parameters())
+    for step in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, dtype=p.dtype, generator=g)
+        if step < 2:
+            params[0].grad = None
+        if step == 3:
+            params[1].grad = None
+        optimizer.step()
+    return [p.detach().clone() for p in params]
+
+
+def _loop_sgd(net, lr, weight_decay):
+    """The released optimizer as PyTorch's per-tensor loop (``foreach=False``)."""
+    groups = [{"params": [p for p in net.parameters() if p.dim() > 1],
+               "weight_decay": weight_decay},
+              {"params": [p for p in net.parameters() if p.dim() <= 1], "weight_decay": 0.0}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=0.9,
+                           foreach=False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cpu_optimizer_is_fused_sgd_with_the_loop_values(digits_space, dtype):
+    """make_optimizer on CPU runs PyTorch's fused SGD with the values of the per-tensor loop
+    (weight decay on dim > 1 only, momentum buffers started from the first gradient, a
+    parameter without a gradient skipped), up to rounding in the last bit."""
+    torch.manual_seed(0)
+    net = fastshift.Supernet(digits_space).to(dtype)
+    twin = fastshift.Supernet(digits_space).to(dtype)
+    twin.load_state_dict(net.state_dict())
+    start = [p.detach().clone() for p in net.parameters()]
+    opt = make_optimizer(net, lr=0.05, momentum=0.9, weight_decay=4e-3)
+    assert all(group["fused"] for group in opt.param_groups)
+    got = _sgd_steps(net, opt)
+    want = _sgd_steps(twin, _loop_sgd(twin, 0.05, 4e-3))
+    eps = torch.finfo(dtype).eps
+    for a, b, s0 in zip(got, want, start):
+        torch.testing.assert_close(a, b, rtol=8 * eps, atol=8 * eps)
+        assert (a - s0).abs().max() > 0.05  # moved by the updates
+    assert not _loop_sgd(net, 0.05, 0.0).param_groups[0]["fused"]
+
+
+def test_optimizer_state_keeps_its_implementation(digits_space):
+    """A state saved by the per-tensor loop (another device's choice) loads into a CPU
+    optimizer that stays fused, with the momentum buffers and hyper-parameters of the state."""
+    net = fastshift.Supernet(digits_space)
+    other = _loop_sgd(net, 0.5, 4e-5)
+    _sgd_steps(net, other, steps=2)
+    opt = make_optimizer(net, lr=0.01, momentum=0.9, weight_decay=4e-5)
+    load_optimizer_state(opt, other.state_dict())
+    assert all(g["fused"] is True and g["lr"] == 0.5 for g in opt.param_groups)
+    assert len(opt.state) == len(other.state) == len(list(net.parameters())) - 1
+    for p, state in other.state.items():
+        torch.testing.assert_close(opt.state[p]["momentum_buffer"], state["momentum_buffer"],
+                                   rtol=0, atol=0)
 
 
 def _state(net):
