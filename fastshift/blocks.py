@@ -7,6 +7,8 @@ Tensors are NCHW; the blocks work for any float dtype and device the convs suppo
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -114,6 +116,42 @@ def _momentum(bn: nn.BatchNorm2d, norm_stats) -> float:
             else 0.1)
 
 
+# seq -> (its children's ids, _layers of them, whether they run as one conv_bn_chain): the
+# parse of a Sequential, redone only when its children change
+_PLANS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _plan(seq: nn.Sequential):
+    """``(_layers(seq), chain)`` for :func:`run_fused`, cached per module; chain: every layer
+    a fused kind, at least two, one eps."""
+    mods = list(seq)
+    key = tuple(map(id, mods))
+    hit = _PLANS.get(seq)
+    if hit is not None and hit[0] == key:
+        return hit[1], hit[2]
+    layers = _layers(mods)
+    chain = (len(layers) > 1 and all(kind is not None for _, _, kind in layers)
+             and len({bn.eps for _, bn, _ in layers}) == 1)
+    _PLANS[seq] = (key, layers, chain)
+    return layers, chain
+
+
+def _run_module_chain(layers, x: torch.Tensor, training: bool, backend: str | None):
+    """The chain of :func:`run_fused` with ``module_stats``: the BN modules' own buffers
+    (one group), their batch counts advanced with one multi-tensor add."""
+    bns = [bn for _, bn, _ in layers]
+    x = ops.conv_bn_chain(
+        x, [conv.weight for conv, _, _ in layers], [kind for _, _, kind in layers],
+        [bn.running_mean for bn in bns], [bn.running_var for bn in bns], groups=1,
+        training=training, momentums=[_momentum(bn, module_stats) for bn in bns],
+        eps=bns[0].eps, backend=backend)
+    tracked = [bn.num_batches_tracked for bn in bns
+               if bn.training and bn.num_batches_tracked is not None]
+    if tracked:
+        torch._foreach_add_(tracked, 1)  # in place, as each module's `+= 1`
+    return x
+
+
 def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
               backend: str | None) -> torch.Tensor:
     """Apply ``seq`` with its (depthwise conv, BN) pairs as ``ops.dwconv_bn`` and its
@@ -126,9 +164,10 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
     shape through ``reference.grouped_batch_norm``). Same values and gradients as
     ``run_sequential`` with the matching grouped ``batch_norm``.
     """
-    layers = _layers(list(seq))
-    if (len(layers) > 1 and all(kind is not None for _, _, kind in layers)
-            and len({bn.eps for _, bn, _ in layers}) == 1):
+    layers, chain = _plan(seq)
+    if chain and norm_stats is module_stats:
+        return _run_module_chain(layers, x, training, backend)
+    if chain:
         stats = [norm_stats(bn) for _, bn, _ in layers]
         if len({groups for _, _, groups, _ in stats}) == 1:
             x = ops.conv_bn_chain(

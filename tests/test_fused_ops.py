@@ -3,6 +3,7 @@ statistics and gradients over backend x dtype x shape x mode, gradcheck in float
 torch.compile parity, argument errors, and the fused supernet / engine paths against the
 reference backend."""
 
+import copy
 import functools
 
 import pytest
@@ -733,6 +734,34 @@ def test_supernet_fused_path_equals_reference(backend, device):
         fused.eval()
         with torch.no_grad():
             _assert_close(fused(x, arch), ref(x, arch), torch.float64, f"{arch} eval logits")
+
+
+@needs_c
+def test_run_fused_follows_a_changed_sequential():
+    """run_fused caches its parse of a Sequential; replacing a child redoes it: the same values
+    and running statistics as the plain modules before and after, and each BN's batch count
+    advanced once per call."""
+    from torch import nn
+
+    from fastshift.blocks import module_stats, run_fused
+
+    torch.manual_seed(0)
+
+    seq = nn.Sequential(nn.Conv2d(6, 6, 3, 1, 1, groups=6, bias=False),
+                        nn.BatchNorm2d(6, affine=False), nn.Conv2d(6, 8, 1, bias=False),
+                        nn.BatchNorm2d(8, affine=False), nn.ReLU()).double()
+    x = torch.randn(3, 6, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    for change in (False, True):
+        if change:  # a 3x3 full conv: no longer a fused kind, so no chain
+            seq[2] = nn.Conv2d(6, 8, 3, 1, 1, bias=False).double()
+        plain = copy.deepcopy(seq).train()
+        seq.train()
+        got = run_fused(seq, x, module_stats, True, "cpu")
+        want = plain(x)
+        _assert_close(got, want, torch.float64, f"output, changed={change}")
+        for (name, b), c in zip(plain.named_buffers(), seq.buffers()):
+            _assert_close(c.double(), b.double(), torch.float64, f"{name}, changed={change}")
+        assert [int(bn.num_batches_tracked) for bn in (seq[1], seq[3])] == [1 + change] * 2
 
 
 @needs_c
