@@ -3,7 +3,7 @@
 // elsewhere the generic one alone). The kernels' vectors stay 32 bytes in every version
 // (the 1x1 products' wide tiles excepted: gemm.h); what the x86-64-v4 version adds is 32 vector
 // registers instead of 16, which the register tiles of the depthwise kernels (k = 7 above all)
-// need: README, "Performance".
+// need: docs/performance.md.
 //
 // Two forms. FASTSHIFT_MULTIVERSION: GCC's target_clones, all versions in one translation
 // unit with a load-time resolver (block_kernels.inc). The 1x1 products, whose many register

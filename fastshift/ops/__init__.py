@@ -91,10 +91,10 @@ def _auto_on_cuda(index) -> str:
 
 
 # ``auto`` on CUDA runs the CUDA bodies only on workloads at least as large as those measured
-# faster than cuDNN on an H200 (README, "GPU: one H200, second session"), since smaller ones
-# are bound by host work and measured slower: a block (or op) whose input has at least
-# AUTO_CUDA_MIN_ROWS pixel rows (N*H*W; the 28x28 blocks at batch 150, 117,600 rows, measured
-# 1.07-1.42x, the 14x14 ones 0.84-0.94x), and a whole network on at least
+# faster than cuDNN on an H200 (docs/performance.md, "GPU: one H200, second session"), since
+# smaller ones are bound by host work and measured slower: a block (or op) whose input has at
+# least AUTO_CUDA_MIN_ROWS pixel rows (N*H*W; the 28x28 blocks at batch 150, 117,600 rows,
+# measured 1.07-1.42x, the 14x14 ones 0.84-0.94x), and a whole network on at least
 # AUTO_CUDA_MIN_NETWORK_ROWS image pixel rows (150 images of 224x224: 1.19x end to end).
 AUTO_CUDA_MIN_ROWS = 100_000
 AUTO_CUDA_MIN_NETWORK_ROWS = 150 * 224 * 224
