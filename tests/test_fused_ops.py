@@ -736,6 +736,35 @@ def test_supernet_fused_path_equals_reference(backend, device):
             _assert_close(fused(x, arch), ref(x, arch), torch.float64, f"{arch} eval logits")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_chain_running_update_is_the_per_layer_update_bit_for_bit(dtype, groups):
+    """conv_bn_chain's one-multiplication running update (a cached row of unbiasing factors,
+    multi-tensor lerps) equals reference.update_running_stats layer by layer, bit for bit, for
+    layers with different counts (a stride-2 layer) and a layer without running statistics."""
+    torch.manual_seed(0)
+    sizes, maps, rows = [4, 4, 6], [(6, 6), (3, 3), (3, 3)], 5
+    outs = [torch.empty(groups * rows, c, h, w, dtype=dtype) for c, (h, w) in zip(sizes, maps)]
+    mean = torch.randn(groups, sum(sizes), dtype=dtype)
+    var = torch.rand(groups, sum(sizes), dtype=dtype) * 3
+    for skip in (None, 1):
+        start = [(torch.randn(groups * c, dtype=dtype), torch.rand(groups * c, dtype=dtype))
+                 for c in sizes]
+        got = [(m.clone(), v.clone()) for m, v in start]
+        rm = [None if i == skip else m for i, (m, _) in enumerate(got)]
+        rv = [None if i == skip else v for i, (_, v) in enumerate(got)]
+        ops._update_chain_running(outs, mean, var, sizes, rm, rv, [0.1] * 3, groups, True)
+        for i, ((m0, v0), (m, v)) in enumerate(zip(start, got)):
+            want_m, want_v = m0.clone(), v0.clone()
+            if i != skip:
+                ops.reference.update_running_stats(
+                    want_m.view(groups, -1), want_v.view(groups, -1),
+                    mean.split(sizes, 1)[i], var.split(sizes, 1)[i],
+                    rows * maps[i][0] * maps[i][1], 0.1)
+            assert torch.equal(m, want_m) and torch.equal(v, want_v), (i, skip)
+            assert (i == skip) == torch.equal(m, m0)
+
+
 @needs_c
 def test_run_fused_follows_a_changed_sequential():
     """run_fused caches its parse of a Sequential; replacing a child redoes it: the same values

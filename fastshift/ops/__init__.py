@@ -20,6 +20,7 @@ An explicitly requested backend that was not built raises with the rebuild comma
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -208,27 +209,45 @@ def _update_running(y, mean, var, mean_in, var_in, running_mean, groups, trainin
                                        momentum)
 
 
-def _update_chain_running(outs, means, variances, running_means, running_vars, momentums,
-                          groups, training):
-    """:func:`_update_running` for every layer of a chain (``outs``: each layer's output,
-    ``means`` / ``variances``: its ``[G, C_i]`` batch statistics). Where every updated layer has
-    the same momentum, the updates run as three multi-tensor (``torch._foreach_*``) calls
-    instead of three calls per layer: the same arithmetic as
-    :func:`reference.update_running_stats` (``lerp_`` toward the unbiased batch variance)."""
+@functools.lru_cache(maxsize=256)
+def _unbiased_row(counts: tuple, sizes: tuple, dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """``[1, sum(sizes)]``: each layer's ``unbiased_factor(count)`` over its columns (read
+    only)."""
+    row = [reference.unbiased_factor(c) for c, n in zip(counts, sizes) for _ in range(n)]
+    return torch.tensor(row, dtype=dtype, device=device).view(1, -1)
+
+
+def _update_chain_running(outs, batch_mean, batch_var, sizes, running_means, running_vars,
+                          momentums, groups, training):
+    """:func:`_update_running` for every layer of a chain (``outs``: each layer's output;
+    ``batch_mean`` / ``batch_var``: the ``[G, sum C_i]`` batch statistics, layer i in its
+    ``sizes[i]`` columns). Where every updated layer has the same momentum and the statistics
+    are float32 / float64, the updates are one multiplication (by each column's unbiasing
+    factor, a cached row) and two multi-tensor lerps instead of three calls per layer: the
+    arithmetic of :func:`reference.update_running_stats` (``lerp_`` toward ``var *
+    factor``, the factor rounded to the statistics' dtype as a Python scalar operand is)."""
     if not training:
         return
-    todo = [(_stat_count(out, groups), mean, var, rm.view(groups, -1), rv.view(groups, -1), mom)
-            for out, mean, var, rm, rv, mom in zip(outs, means, variances, running_means,
-                                                   running_vars, momentums)
+    counts = [_stat_count(out, groups) for out in outs]
+    live = [i for i, (rm, out) in enumerate(zip(running_means, outs))
             if rm is not None and out.shape[0]]
-    if len(todo) > 1 and len({t[5] for t in todo}) == 1:
-        factors = [reference.unbiased_factor(count) for count, *_ in todo]
-        unbiased = torch._foreach_mul([t[2] for t in todo], factors)
-        torch._foreach_lerp_([t[3] for t in todo], [t[1] for t in todo], todo[0][5])
-        torch._foreach_lerp_([t[4] for t in todo], unbiased, todo[0][5])
+    means = batch_mean.split(sizes, 1)
+    if (len(live) > 1 and len({momentums[i] for i in live}) == 1
+            and batch_var.dtype in (torch.float32, torch.float64)):
+        row = _unbiased_row(tuple(counts), tuple(sizes), batch_var.dtype, batch_var.device)
+        unbiased = (batch_var * row).split(sizes, 1)
+        momentum = momentums[live[0]]
+        torch._foreach_lerp_([running_means[i].view(groups, -1) for i in live],
+                             [means[i] for i in live], momentum)
+        torch._foreach_lerp_([running_vars[i].view(groups, -1) for i in live],
+                             [unbiased[i] for i in live], momentum)
         return
-    for count, mean, var, rm, rv, mom in todo:
-        reference.update_running_stats(rm, rv, mean, var, count, mom)
+    variances = batch_var.split(sizes, 1)
+    for i in live:
+        reference.update_running_stats(running_means[i].view(groups, -1),
+                                       running_vars[i].view(groups, -1), means[i],
+                                       variances[i], counts[i], momentums[i])
 
 
 def _live_taps(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -344,6 +363,6 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
           else torch.ops.fastshift.conv_bn_chain.default)
     y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)
     outs = [*saved[:len(layers) - 1], y]  # each layer's output, for its statistics' count
-    _update_chain_running(outs, batch_mean.split(sizes, 1), batch_var.split(sizes, 1),
-                          running_means, running_vars, momentums, groups, training)
+    _update_chain_running(outs, batch_mean, batch_var, sizes, running_means, running_vars,
+                          momentums, groups, training)
     return y
