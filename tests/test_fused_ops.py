@@ -548,9 +548,11 @@ def test_conv_bn_chain_matches_reference(backend, device, dtype, case, training,
 @pytest.mark.parametrize("shape", [(6, 5, 7, 3), (1, 4, 1, 1), (3, 6, 1, 4), (4, 8, 5, 1)])
 def test_cpu_chain_reads_a_channel_range_as_its_dense_copy(layers, training, shape):
     """A channel range of a channels-last tensor (the main half of a split-ready ShuffleNetV2
-    input), which the CPU bodies of a first 1x1 layer read in place at its pixel stride, gives
-    bit for bit what its dense copy gives: the chain's and the 1x1 layer op's output, running
-    statistics and gradients (x and weights), including maps with a single row or column."""
+    input), which the CPU bodies of a first 1x1 or depthwise layer read in place at its pixel
+    stride, gives bit for bit what its dense copy gives: the chain's and the 1x1 layer op's
+    output, running statistics and gradients (x and weights), including maps with a single
+    row or column; so does an output gradient given as a channel range (what a concat's
+    backward hands a branch), which the chain's last 1x1 layer reads in place."""
     r, c, h, w = shape
     torch.manual_seed(0)
     wide = torch.randn(r, 2 * c + 3, h, w).contiguous(memory_format=torch.channels_last)
@@ -560,9 +562,15 @@ def test_cpu_chain_reads_a_channel_range_as_its_dense_copy(layers, training, sha
     stats = ([torch.randn(1, v.shape[0]) for v in weights],
              [torch.rand(1, v.shape[0]) + 0.5 for v in weights])
 
-    def run(x):  # (_run_chain and _run keep x's strides)
+    def run(x, ranged=False):  # (_run_chain and _run keep x's strides)
         y = _run_chain("cpu", x, weights, layers, stats, training)[0]
         g = torch.linspace(-1, 1, y.numel()).view_as(y)
+        if ranged:  # the same values as a channel range of a wider channels-last tensor
+            n, c_out, h_out, w_out = y.shape
+            wide_g = torch.zeros(n, c_out + 5, h_out, w_out).contiguous(
+                memory_format=torch.channels_last)
+            wide_g[:, 5:] = g
+            g = wide_g[:, 5:]
         y, means, vars_, grads = _run_chain("cpu", x, weights, layers, stats, training, g)
         return [y, *means, *vars_, *grads]
 
@@ -577,6 +585,8 @@ def test_cpu_chain_reads_a_channel_range_as_its_dense_copy(layers, training, sha
         assert not strided.is_contiguous(memory_format=torch.channels_last)
     same = functools.partial(torch.testing.assert_close, rtol=0, atol=0, equal_nan=True)
     for got, want in zip(run(strided), run(dense)):
+        same(got, want)
+    for got, want in zip(run(strided, ranged=True), run(dense)):
         same(got, want)
     if layers[0] == 0:
         for got, want in zip(run_layer(strided), run_layer(dense)):

@@ -96,18 +96,20 @@ void reduce_grad_sums(const RowChunks& ch, int64_t C, const GradSums& sums, doub
 }
 
 // Training-mode gradient statistics in one pass over dy and xhat. With `shift` / `scale`
-// ([G, C]), `xhat` is a raw output read through their map.
+// ([G, C]), `xhat` is a raw output read through their map. `ldy`: dy's pixel stride (0: C;
+// its image stride is then pixels * ldy; xhat is dense).
 template <typename T>
 void grad_stats(const RowChunks& ch, bool relu, const T* dy, const T* xhat, int64_t pixels,
                 int64_t C, double count, std::vector<T>& a, std::vector<T>& b,
-                const T* shift = nullptr, const T* scale = nullptr) {
+                const T* shift = nullptr, const T* scale = nullptr, int64_t ldy = 0) {
   GradSums sums(ch.count(), C);
+  const int64_t py = ldy ? ldy : C;
   for_chunks(ch, [&](int64_t i) {
     const int64_t g = ch.group(i);
     const InputMap<T> map{shift ? shift + g * C : nullptr, scale ? scale + g * C : nullptr, false};
     for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-      k_grad_moments(relu, dy + r * pixels * C, xhat + r * pixels * C, pixels, C,
-                     sums.g.data() + i * C, sums.gx.data() + i * C, map);
+      k_grad_moments(relu, dy + r * pixels * py, xhat + r * pixels * C, pixels, C,
+                     sums.g.data() + i * C, sums.gx.data() + i * C, map, ldy);
   });
   reduce_grad_sums(ch, C, sums, count, a, b);
 }
@@ -169,8 +171,9 @@ inline InputMap<T> group_map(const T* shift, const T* scale, bool relu, int64_t 
   return {shift + g * C, scale + g * C, relu};
 }
 
-// Depthwise conv + BN forward over dense channels-last rows: y = (conv(h(x)) - mean) * rstd
-// with h the per-group input map (in_shift / in_scale [G, C], null: none). Training: the batch
+// Depthwise conv + BN forward over channels-last rows (x at its pixel stride s.xs(), y dense):
+// y = (conv(h(x)) - mean) * rstd with h the per-group input map (in_shift / in_scale [G, C],
+// null: none). Training: the batch
 // moments go to mean / var [G, C], then one normalising pass; eval: mean / var are read and
 // the normalisation is fused into the conv's store.
 template <typename T>
@@ -180,7 +183,7 @@ void dw_layer_forward(const RowChunks& ch, const DwShape& s, const T* xp, const 
   const int64_t C = s.C, K = s.K;
   const std::unique_ptr<T[]> wt = scratch<T>(K * K * C);  // [k*k, C]
   forward_taps(weight, C, K, wt.get());
-  const int64_t in_img = s.H * s.W * C, out_img = s.OH * s.OW * C;
+  const int64_t in_img = s.H * s.W * s.xs(), out_img = s.OH * s.OW * C;
   const int64_t pad_img = padded_h(s) * padded_w(s) * C;
   if (!training) {
     const std::vector<T> rstd = rstd_of<T>(var, ch.groups * C, eps);
@@ -211,8 +214,9 @@ void dw_layer_forward(const RowChunks& ch, const DwShape& s, const T* xp, const 
   });
 }
 
-// Depthwise conv + BN backward over dense channels-last rows. gp: dL/dy; yp: xhat (read in
-// training only); rstd [G, C]; xp: the input, read through its map (in_*) as in the forward.
+// Depthwise conv + BN backward over channels-last rows. gp: dL/dy; yp: xhat (read in training
+// only); rstd [G, C]; xp: the input, read through its map (in_*) as in the forward, at its
+// pixel stride s.xs() (dense where in_sums is given); dx is written dense.
 // Writes dL/dh(x) to dxp and the weight gradient [C, K*K] to dwp. in_sums (training, input
 // with a ReLU map: a lazy 1x1 layer's raw output): also adds that layer's BN-backward sums
 // (ReLU-masked dL/dh(x), and it times xhat) per chunk while each image of dL/dh(x) is in
@@ -223,9 +227,11 @@ void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const
                        const T* rstd, const T* weight, bool training, T* dxp, T* dwp,
                        GradSums* in_sums = nullptr) {
   const int64_t C = s.C, K = s.K, taps = K * K * C;
+  TORCH_CHECK(in_sums == nullptr || s.xs() == C, "dw_layer_backward: a mapped input is dense");
   const std::unique_ptr<T[]> wflip = scratch<T>(input_grad_tap_rows(K, s.S) * C);
   input_grad_taps(weight, C, K, s.S, wflip.get());
   const int64_t in_img = s.H * s.W * C, out_img = s.OH * s.OW * C, pixels = s.OH * s.OW;
+  const int64_t x_img = s.H * s.W * s.xs();
   const int64_t pad_img = std::max(padded_h(s) * padded_w(s) * C, input_grad_scratch(s));
   const int64_t slices = std::min(ch.count(), kWeightSlices);
   std::vector<T> a, b;
@@ -250,7 +256,7 @@ void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const
           if (in_sums != nullptr)
             k_grad_moments(true, dxp + r * in_img, xp + r * in_img, s.H * s.W, C,
                            in_sums->g.data() + i * C, in_sums->gx.data() + i * C, in_map);
-          k_dw_weight_grad(xp + r * in_img, dz, part, s, pad, in_map);
+          k_dw_weight_grad(xp + r * x_img, dz, part, s, pad, in_map);
         }
       }
     }
@@ -458,26 +464,28 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
   return dw;
 }
 
-// The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp) and
-// xhat (xp; or the raw output through the map y_shift, rstd when y_shift is given). `sums`:
-// the training-mode sums already taken (dw_layer_backward's in_sums), else one pass here.
+// The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp, at
+// pixel stride ldg; 0: O) and xhat (xp; or the raw output through the map y_shift, rstd when
+// y_shift is given). `sums`: the training-mode sums already taken (dw_layer_backward's
+// in_sums), else one pass here.
 template <typename T>
 void pw_dz(const RowChunks& ch, bool relu, const T* gp, const T* xp, const T* y_shift,
            const T* rstd, int64_t pixels, int64_t O, bool training, T* dzp,
-           const GradSums* sums = nullptr) {
-  const int64_t img = pixels * O;
+           const GradSums* sums = nullptr, int64_t ldg = 0) {
+  const int64_t img = pixels * O, g_img = pixels * (ldg ? ldg : O);
   const double count = double(ch.rows_per_group * pixels);
   std::vector<T> a, b;
   if (training && sums != nullptr) reduce_grad_sums(ch, O, *sums, count, a, b);
   else if (training)
-    grad_stats<T>(ch, relu, gp, xp, pixels, O, count, a, b, y_shift, y_shift ? rstd : nullptr);
+    grad_stats<T>(ch, relu, gp, xp, pixels, O, count, a, b, y_shift, y_shift ? rstd : nullptr,
+                  ldg);
   for_chunks(ch, [&](int64_t i) {
     const int64_t g = ch.group(i);
     const InputMap<T> map = group_map(y_shift, rstd, false, g, O);
     for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
-      k_bn_input_grad(relu, gp + r * img, xp + r * img, pixels, O, rstd + g * O,
+      k_bn_input_grad(relu, gp + r * g_img, xp + r * img, pixels, O, rstd + g * O,
                       training ? a.data() + g * O : nullptr, training ? b.data() + g * O : nullptr,
-                      dzp + r * img, map);
+                      dzp + r * img, map, ldg);
   });
 }
 
@@ -618,12 +626,26 @@ at::Tensor materialize(const Lazy<T>& t, int64_t groups) {
   return out;
 }
 
-// The chain's input as its first layer reads it, in the forward and the backward alike: a 1x1
-// layer reads the pixel rows in place where they are evenly spaced (the halves of a split-ready
-// input: strided_pixel_rows), a depthwise layer a dense channels-last tensor.
-inline at::Tensor chain_input(const at::Tensor& x, at::IntArrayRef layers) {
-  return layers[0] == 0 ? x : rows_last(x);
+// t itself where its pixel rows are evenly spaced with dense channels (a channels-last tensor,
+// or a channel range of one: strided_pixel_rows without a copy), their stride in `ps`; else a
+// dense channels-last copy (ps = its channel count).
+inline at::Tensor in_place_rows(const at::Tensor& t, int64_t& ps) {
+  if (t.numel() > 0) {
+    const at::Tensor rows = strided_pixel_rows(t);
+    if (rows.is_alias_of(t) && rows.const_data_ptr() == t.const_data_ptr()) {
+      ps = pixel_stride(rows);
+      return t;
+    }
+  }
+  ps = t.size(1);
+  return rows_last(t);
 }
+
+// The chain's input as its first layer reads it, in the forward and the backward alike: in
+// place at its pixel stride `ps` where its pixel rows are evenly spaced (the halves of a
+// split-ready input; a 1x1 layer takes the stride through strided_pixel_rows, a depthwise
+// layer through DwShape::XS), else a dense channels-last copy.
+inline at::Tensor chain_input(const at::Tensor& x, int64_t& ps) { return in_place_rows(x, ps); }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_chain_cpu(
     const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef layers,
@@ -633,7 +655,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       check_chain("conv_bn_chain", layers, weights, mean_in, var_in, groups);
   check_float_dtype("conv_bn_chain", x_in);  // before the dtype dispatch below
   const size_t n = layers.size();
-  const at::Tensor x = chain_input(x_in, layers);
+  int64_t x_ps = 0;
+  const at::Tensor x = chain_input(x_in, x_ps);
   const at::TensorOptions opt = x.options();
   const int64_t total = mean_in.size(1);
   check_stats("conv_bn_chain", "mean", mean_in, groups, total, x);
@@ -672,7 +695,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       } else {
         check_dwconv_input(in.s, weights[i], layers[i], groups);
         const at::Tensor wc = weights[i].contiguous();
-        const DwShape s = dw_shape(in.s, weights[i], layers[i]);
+        DwShape s = dw_shape(in.s, weights[i], layers[i]);
+        if (i == 0) s.XS = x_ps;  // the chain's input, read in place
         out = empty_rows_last(in.s.size(0), Ci, s.OH, s.OW, x);
         dw_layer_forward<T>(make_chunks(in.s.size(0), groups), s, in.s.const_data_ptr<T>(),
                             wc.const_data_ptr<T>(), out.data_ptr<T>(), in.shift, in.scale,
@@ -709,14 +733,18 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   const size_t n = layers.size();
   TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
               "forward's: every layer's stored output, then the shifts), got ", saved.size());
-  const at::Tensor x = chain_input(x_in, layers);
+  int64_t x_ps = 0;
+  const at::Tensor x = chain_input(x_in, x_ps);
   const at::TensorOptions opt = x.options();
   const int64_t total = var.size(1);
   TORCH_CHECK(saved[n].dim() == 2 && saved[n].size(0) == groups && saved[n].size(1) == total,
               op, ": saved[", n, "] (the shifts) must be [", groups, ", ", total, "], got ",
               saved[n].sizes());
   std::vector<at::Tensor> grad_w(n);
-  at::Tensor g = rows_last(grad_y);  // dL/dh of the current layer's output
+  // dL/dh of the current layer's output; the last layer's (grad_y) read in place at its pixel
+  // stride g_ps by a 1x1 layer (a concat's backward hands a branch a channel range)
+  int64_t g_ps = 0;
+  at::Tensor g = layers[n - 1] == 0 ? in_place_rows(grad_y, g_ps) : rows_last(grad_y);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_backward_cpu", [&] {
     using T = scalar_t;
     const at::Tensor shift_all = saved[n].contiguous();
@@ -765,12 +793,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
         const int64_t O = channels[j], pixels = H * W;
         at::Tensor dz = at::empty({R * pixels, O}, opt);
         pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(), out.shift,
-                 out.scale, pixels, O, training, dz.data_ptr<T>(), out_sums.get());
+                 out.scale, pixels, O, training, dz.data_ptr<T>(), out_sums.get(),
+                 j == n - 1 ? g_ps : 0);
         if (in.mapped()) in = Lazy<T>{materialize<T>(in, groups)};
         grad_w[j] = pw_weight_grad<T>(dz, strided_pixel_rows(in.s)).view({O, C, 1, 1});
         g = pw_input_grad<T>(dz, weights[j]).view({R, H, W, C}).permute({0, 3, 1, 2});
       } else {
-        const DwShape s = dw_shape(in.s, weights[j], layers[j]);
+        DwShape s = dw_shape(in.s, weights[j], layers[j]);
+        if (j == 0) s.XS = x_ps;  // the chain's input, read in place
         const at::Tensor wc = weights[j].contiguous();
         at::Tensor dx = empty_rows_last(R, C, H, W, x);
         at::Tensor dw = at::empty({C, 1, s.K, s.K}, opt);

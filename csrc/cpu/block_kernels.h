@@ -116,6 +116,19 @@ inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
     });
 }
 
+// for_pixel_vectors with one array read at pixel stride ps (>= C): f(V{}, i, j, c), i the index
+// in the dense arrays, j in the strided one.
+template <typename T, typename F>
+inline void for_pixel_vectors_strided(int64_t pixels, int64_t C, int64_t ps, const F& f) {
+  for (int64_t p = 0; p < pixels; ++p)
+    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+      using V = typename decltype(blk)::type;
+      constexpr int NV = decltype(blk)::count;
+      constexpr int L = sizeof(V) / sizeof(T);
+      for (int v = 0; v < NV; ++v) f(V{}, p * C + c0 + v * L, p * ps + c0 + v * L, c0 + v * L);
+    });
+}
+
 // A lazily normalised input (conv_bn_chain_cpu): the values a layer reads are
 // h = act((s - shift) * scale) per channel (shift / scale: the [C] values of the rows' group;
 // act = ReLU when relu, NaN kept as torch.relu does), computed while the input is copied into
@@ -127,17 +140,24 @@ struct InputMap {
   bool relu = false;
 };
 
-// dst[p, c] = h(src[p, c]) for `pixels` pixels of C channels (the map above).
+// dst[p, c] = h(src[p, c]) for `pixels` pixels of C channels (the map above); src at pixel
+// stride src_ps (0: C), dst dense.
 template <typename T>
-inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const InputMap<T>& m) {
+inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const InputMap<T>& m,
+                       int64_t src_ps = 0) {
+  const int64_t ps = src_ps ? src_ps : C;
   if (m.shift == nullptr) {
-    std::copy(src, src + pixels * C, dst);
+    if (ps == C) {
+      std::copy(src, src + pixels * C, dst);
+    } else {
+      for (int64_t p = 0; p < pixels; ++p) std::copy(src + p * ps, src + p * ps + C, dst + p * C);
+    }
     return;
   }
   auto run = [&](auto relu) {
-    for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+    for_pixel_vectors_strided<T>(pixels, C, ps, [&](auto tag, int64_t i, int64_t j, int64_t c) {
       using V = decltype(tag);
-      const V h = (load<V>(src + i) - load<V>(m.shift + c)) * load<V>(m.scale + c);
+      const V h = (load<V>(src + j) - load<V>(m.shift + c)) * load<V>(m.scale + c);
       if constexpr (decltype(relu)::value) store(dst + i, h < V{} ? V{} : h);
       else store(dst + i, h);
     });
@@ -148,7 +168,11 @@ inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const In
 
 struct DwShape {
   int64_t H, W, C, K, S, OH, OW;
+  // the input's pixel stride (elements from one pixel to the next; 0: C, dense). A channel
+  // range of a channels-last tensor has a larger one; its image stride is then H * W * XS.
+  int64_t XS = 0;
   int64_t P() const { return K / 2; }
+  int64_t xs() const { return XS ? XS : C; }
 };
 
 // Padded image geometry: every kernel reads a zero-bordered copy of its input image, so the
@@ -162,21 +186,23 @@ inline int64_t padded_w(const DwShape& s) { return s.W + 2 * s.P(); }
 template <typename T>
 inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_t PH,
                         int64_t PW, int64_t top, int64_t left, int64_t C,
-                        const InputMap<T>& map = {}) {
+                        const InputMap<T>& map = {}, int64_t src_ps = 0) {
+  const int64_t ps = src_ps ? src_ps : C;  // the source's pixel stride
   std::fill(dst, dst + top * PW * C, T(0));
   for (int64_t h = 0; h < rows; ++h) {
     T* row = dst + (top + h) * PW * C;
     std::fill(row, row + left * C, T(0));
-    map_pixels(src + h * cols * C, row + left * C, cols, C, map);
+    map_pixels(src + h * cols * ps, row + left * C, cols, C, map, ps);
     std::fill(row + (left + cols) * C, row + PW * C, T(0));
   }
   std::fill(dst + (top + rows) * PW * C, dst + PH * PW * C, T(0));
 }
 
-// pad [(H + 2P), (W + 2P), C] := zeros with the image h(x) [H, W, C] at offset (P, P).
+// pad [(H + 2P), (W + 2P), C] := zeros with the image h(x) [H, W, C] (pixel stride s.xs())
+// at offset (P, P).
 template <typename T>
 inline void pad_image(const T* x, T* pad, const DwShape& s, const InputMap<T>& map = {}) {
-  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C, map);
+  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C, map, s.XS);
 }
 
 // pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
@@ -395,11 +421,12 @@ inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& 
 //   Mode 1 (BN backward):          s1 += a,   s2 += a * b        (a = dy, b = xhat)
 //   Mode 2 (ReLU + BN backward):   s1 += a',  s2 += a' * b,  a' = b > 0 ? a : 0
 // With Mapped (modes 1 and 2), b is read through `map` (xhat = (b - shift) * scale, the stored
-// tensor being the layer's raw output).
+// tensor being the layer's raw output). `lda`: a's pixel stride (0: C; b is dense).
 // Spans of 64 rows are summed in registers (type T), then flushed to the double sums.
 template <typename T, int Mode, bool Mapped = false>
 inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, double* s1,
-                         double* s2, const InputMap<T>& map = {}) {
+                         double* s2, const InputMap<T>& map = {}, int64_t lda = 0) {
+  const int64_t pa = lda ? lda : C;
   constexpr int64_t kSpan = 64;
   for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
@@ -411,7 +438,7 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
       for (int v = 0; v < NV; ++v) acc1[v] = acc2[v] = V{};
       for (int64_t p = p0; p < p1; ++p) {
         for (int v = 0; v < NV; ++v) {
-          const V av = load<V>(a + p * C + c0 + v * L);
+          const V av = load<V>(a + p * pa + c0 + v * L);
           if constexpr (Mode == 0) {
             acc1[v] += av;
             acc2[v] += av * av;
@@ -436,14 +463,15 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
 
 // dz = rstd * (dy' - a - xhat * b) (training) or rstd * dy' (eval: a = b = null); for eval
 // with ReLU, `xhat` is the output y (same sign as xhat where it matters).
-// With Mapped, `xhat` is the raw output, read through `map` (as in channel_sums).
+// With Mapped, `xhat` is the raw output, read through `map` (as in channel_sums). `ldy`: dy's
+// pixel stride (xhat and dz are dense).
 template <typename T, bool relu, bool train, bool Mapped>
 inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
                                const T* rstd, const T* a, const T* b, T* dz,
-                               const InputMap<T>& map) {
-  for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+                               const InputMap<T>& map, int64_t ldy) {
+  for_pixel_vectors_strided<T>(pixels, C, ldy, [&](auto tag, int64_t i, int64_t j, int64_t c) {
     using V = decltype(tag);
-    V g = load<V>(dy + i);
+    V g = load<V>(dy + j);
     if constexpr (relu || train) {
       V x = load<V>(xhat + i);
       if constexpr (Mapped) x = (x - load<V>(map.shift + c)) * load<V>(map.scale + c);
@@ -456,10 +484,11 @@ inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64
 
 template <typename T, bool relu>
 inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
-                          const T* a, const T* b, T* dz, const InputMap<T>& map) {
+                          const T* a, const T* b, T* dz, const InputMap<T>& map,
+                          int64_t ldy = 0) {
   auto run = [&](auto train, auto mapped) {
     bn_input_grad_loop<T, relu, decltype(train)::value, decltype(mapped)::value>(
-        dy, xhat, pixels, C, rstd, a, b, dz, map);
+        dy, xhat, pixels, C, rstd, a, b, dz, map, ldy ? ldy : C);
   };
   const bool mapped = map.shift != nullptr;
   if (a != nullptr) {
@@ -493,10 +522,10 @@ inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, cons
                         const InputMap<T>& map = {});                                           \
   void k_moments(const T* z, int64_t n, int64_t C, double* sum, double* sq);                    \
   void k_grad_moments(bool relu, const T* dy, const T* xh, int64_t n, int64_t C, double* sg,    \
-                      double* sgx, const InputMap<T>& map = {});                                \
+                      double* sgx, const InputMap<T>& map = {}, int64_t ldy = 0);               \
   void k_bn_input_grad(bool relu, const T* dy, const T* xh, int64_t n, int64_t C,               \
                        const T* rstd, const T* a, const T* b, T* dz,                            \
-                       const InputMap<T>& map = {});                                            \
+                       const InputMap<T>& map = {}, int64_t ldy = 0);                           \
   void k_normalize(bool relu, T* z, T* y, int64_t n, int64_t C, const T* mean, const T* rstd);  \
   void k_map(const T* s, T* y, int64_t n, int64_t C, const InputMap<T>& map);                   \
   void k_transpose(const T* src, int64_t rows, int64_t cols, T* dst, int64_t r0, int64_t r1);   \
