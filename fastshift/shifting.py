@@ -112,7 +112,8 @@ def _start_momentum_buffers(optimizer, args, kwargs):
     """Zero momentum buffers for the parameters about to take their first step. PyTorch's
     fused SGD starts buffers (buffer = gradient) only when no parameter of a group has one yet,
     and fails on a group where some have; in a supernet blocks get their first gradient at
-    different steps. A zero buffer gives the same first step: 0 * momentum + gradient."""
+    different steps. A zero buffer gives the same first step: 0 * momentum + gradient (with
+    no dampening, as make_optimizer sets: the loop's first step ignores dampening)."""
     for group in optimizer.param_groups:
         if group["momentum"] == 0:
             continue
