@@ -136,22 +136,6 @@ def _plan(seq: nn.Sequential):
     return layers, chain
 
 
-def _run_module_chain(layers, x: torch.Tensor, training: bool, backend: str | None):
-    """The chain of :func:`run_fused` with ``module_stats``: the BN modules' own buffers
-    (one group), their batch counts advanced with one multi-tensor add."""
-    bns = [bn for _, bn, _ in layers]
-    x = ops.conv_bn_chain(
-        x, [conv.weight for conv, _, _ in layers], [kind for _, _, kind in layers],
-        [bn.running_mean for bn in bns], [bn.running_var for bn in bns], groups=1,
-        training=training, momentums=[_momentum(bn, module_stats) for bn in bns],
-        eps=bns[0].eps, backend=backend)
-    tracked = [bn.num_batches_tracked for bn in bns
-               if bn.training and bn.num_batches_tracked is not None]
-    if tracked:
-        torch._foreach_add_(tracked, 1)  # in place, as each module's `+= 1`
-    return x
-
-
 def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
               backend: str | None) -> torch.Tensor:
     """Apply ``seq`` with its (depthwise conv, BN) pairs as ``ops.dwconv_bn`` and its
@@ -165,8 +149,6 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
     ``run_sequential`` with the matching grouped ``batch_norm``.
     """
     layers, chain = _plan(seq)
-    if chain and norm_stats is module_stats:
-        return _run_module_chain(layers, x, training, backend)
     if chain:
         stats = [norm_stats(bn) for _, bn, _ in layers]
         if len({groups for _, _, groups, _ in stats}) == 1:
