@@ -628,7 +628,11 @@ at::Tensor materialize(const Lazy<T>& t, int64_t groups) {
 
 // t itself where its pixel rows are evenly spaced with dense channels (a channels-last tensor,
 // or a channel range of one: strided_pixel_rows without a copy), their stride in `ps`; else a
-// dense channels-last copy (ps = its channel count).
+// dense channels-last copy (ps = its channel count). How the chain reads its input, in the
+// forward and the backward alike (the halves of a split-ready input in place: a 1x1 first
+// layer takes the stride through strided_pixel_rows, a depthwise one through DwShape::XS),
+// and its last 1x1 layer the output gradient (a concat's backward hands a branch a channel
+// range).
 inline at::Tensor in_place_rows(const at::Tensor& t, int64_t& ps) {
   if (t.numel() > 0) {
     const at::Tensor rows = strided_pixel_rows(t);
@@ -641,12 +645,6 @@ inline at::Tensor in_place_rows(const at::Tensor& t, int64_t& ps) {
   return rows_last(t);
 }
 
-// The chain's input as its first layer reads it, in the forward and the backward alike: in
-// place at its pixel stride `ps` where its pixel rows are evenly spaced (the halves of a
-// split-ready input; a 1x1 layer takes the stride through strided_pixel_rows, a depthwise
-// layer through DwShape::XS), else a dense channels-last copy.
-inline at::Tensor chain_input(const at::Tensor& x, int64_t& ps) { return in_place_rows(x, ps); }
-
 std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_chain_cpu(
     const at::Tensor& x_in, at::TensorList weights, at::IntArrayRef layers,
     const at::Tensor& mean_in, const at::Tensor& var_in, int64_t groups, double eps,
@@ -656,7 +654,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
   check_float_dtype("conv_bn_chain", x_in);  // before the dtype dispatch below
   const size_t n = layers.size();
   int64_t x_ps = 0;
-  const at::Tensor x = chain_input(x_in, x_ps);
+  const at::Tensor x = in_place_rows(x_in, x_ps);
   const at::TensorOptions opt = x.options();
   const int64_t total = mean_in.size(1);
   check_stats("conv_bn_chain", "mean", mean_in, groups, total, x);
@@ -734,7 +732,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
   TORCH_CHECK(saved.size() == n + 1, op, ": saved must hold ", n + 1, " tensors (the CPU "
               "forward's: every layer's stored output, then the shifts), got ", saved.size());
   int64_t x_ps = 0;
-  const at::Tensor x = chain_input(x_in, x_ps);
+  const at::Tensor x = in_place_rows(x_in, x_ps);
   const at::TensorOptions opt = x.options();
   const int64_t total = var.size(1);
   TORCH_CHECK(saved[n].dim() == 2 && saved[n].size(0) == groups && saved[n].size(1) == total,
@@ -742,7 +740,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
               saved[n].sizes());
   std::vector<at::Tensor> grad_w(n);
   // dL/dh of the current layer's output; the last layer's (grad_y) read in place at its pixel
-  // stride g_ps by a 1x1 layer (a concat's backward hands a branch a channel range)
+  // stride g_ps by a 1x1 layer
   int64_t g_ps = 0;
   at::Tensor g = layers[n - 1] == 0 ? in_place_rows(grad_y, g_ps) : rows_last(grad_y);
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_backward_cpu", [&] {
