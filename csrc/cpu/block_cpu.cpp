@@ -333,7 +333,8 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
 // ---------------------------------------------------------------------------------------------
 // pwconv_bn_relu: the 1x1 conv is a matrix product over the [R*H*W, C] pixel rows (gemm.h),
 // whose output tiles also give the BN batch moments; the normalisation and ReLU are one pass
-// over its output.
+// over its output in training, and in eval (given statistics) one per product chunk while its
+// rows are in cache (pw_forward_mapped).
 
 // The three products of a 1x1 layer with weight w [O, C] over M pixel rows, threads splitting
 // the output rows (no reductions across threads: the values do not depend on the thread
@@ -360,19 +361,21 @@ inline RowChunks product_chunks(int64_t R, int64_t groups, int64_t pixels) {
 
 // The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
 // the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
-// epilogue(i) (gemm.h: Store, Moments). x2d: pixel rows with dense channels, read in place
+// epilogue(i) (gemm.h: Store, Moments), then after(i, rows, count) (when given) called on the
+// chunk's output rows while they are in cache. x2d: pixel rows with dense channels, read in place
 // at any row stride (strided_pixel_rows).
-template <typename T, typename F>
+template <typename T, typename F, typename A = std::nullptr_t>
 at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const RowChunks& ch,
-                      int64_t pixels, const F& epilogue) {
+                      int64_t pixels, const F& epilogue, const A& after = nullptr) {
   const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
   const int64_t ld = pixel_stride(x2d);
   const at::Tensor w = weight.contiguous();
   const T* wp = w.const_data_ptr<T>();
   const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
-  // (threads only for weights of 2^18 elements and more: smaller ones take microseconds, less
-  // than waking a thread)
-  at::parallel_for(0, O, std::max<int64_t>(16, (int64_t(1) << 18) / std::max<int64_t>(C, 1)),
+  // (threads only for weights of 2^14 elements and more: smaller ones take a few microseconds,
+  // about what handing half to the other thread costs; a single-threaded pack of the larger
+  // ones left the other thread idle: 1.4 % slower eval forwards)
+  at::parallel_for(0, O, std::max<int64_t>(16, (int64_t(1) << 14) / std::max<int64_t>(C, 1)),
                    [&](int64_t o0, int64_t o1) { k_transpose(wp, O, C, wt.get(), o0, o1); });
   at::Tensor z = at::empty({M, O}, x2d.options());
   const T* xp = x2d.const_data_ptr<T>();
@@ -380,6 +383,7 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
   for_chunks(ch, [&](int64_t i) {
     const int64_t r0 = ch.begin(i) * pixels, r1 = ch.end(i) * pixels;
     k_gemm(xp + r0 * ld, ld, 1, wt.get(), O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
+    if constexpr (!std::is_same_v<A, std::nullptr_t>) after(i, zp + r0 * O, r1 - r0);
   });
   return z;
 }
@@ -405,6 +409,25 @@ at::Tensor pw_forward_moments(const at::Tensor& x2d, const at::Tensor& weight, i
   });
   reduce_moments<T>(ch, O, sum, sq, double(ch.rows_per_group * pixels), mean, var);
   return z;
+}
+
+// pw_forward with the eval-mode BatchNorm (+ ReLU) of the output applied to each chunk's rows
+// right after its product, while they are in cache (the same map and arithmetic as a separate
+// pass, k_map): h [R * pixels, O] = map(x w^T), shift / scale [G, O] per group. (Applying it
+// to the tiles in registers instead, as an epilogue, changes the products' own sums in the
+// last bit for the columns past the last whole vector: the compiler contracts a
+// single-column tile's steps into FMAs differently per epilogue.)
+template <typename T>
+at::Tensor pw_forward_mapped(const at::Tensor& x2d, const at::Tensor& weight, int64_t R,
+                             int64_t groups, int64_t pixels, const T* shift, const T* scale,
+                             bool relu) {
+  const int64_t O = weight.size(0);
+  const RowChunks ch = product_chunks(R, groups, pixels);
+  return pw_forward<T>(
+      x2d, weight, ch, pixels, [](int64_t) { return gemm::Store{}; },
+      [&](int64_t i, T* rows, int64_t count) {
+        k_map(rows, rows, count, O, group_map(shift, scale, relu, ch.group(i), O));
+      });
 }
 
 // dx [M, C] = dz [M, O] w (the input gradient)
@@ -507,9 +530,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> pwconv_bn_relu_cpu(
     using T = scalar_t;
     T* mp = mean.data_ptr<T>();
     const at::Tensor rows = strided_pixel_rows(x);
-    z = training ? pw_forward_moments<T>(rows, weight, R, groups, pixels, mp, var.data_ptr<T>())
-                 : pw_forward_raw<T>(rows, weight, R, groups, pixels);
-    y = training ? at::empty_like(z) : z;
+    if (!training) {  // eval: the BN + ReLU per product chunk, in cache
+      const std::vector<T> rstd = rstd_of<T>(var.const_data_ptr<T>(), groups * O, eps);
+      y = pw_forward_mapped<T>(rows, weight, R, groups, pixels, mp, rstd.data(), true);
+      return;
+    }
+    z = pw_forward_moments<T>(rows, weight, R, groups, pixels, mp, var.data_ptr<T>());
+    y = at::empty_like(z);
     T* zp = z.data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const int64_t img = pixels * O;
@@ -569,13 +596,16 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
 // (test_cpu_chain_is_the_layer_ops_bit_for_bit). A depthwise layer stores its normalised
 // output as the layer op does (its consumer, a 1x1 layer, needs it as a matmul operand); a
 // 1x1 layer followed by a 1x1 layer (no SPOS branch has one) hands h over written out; the
-// last layer's output is written normalised (y). Compared with the layer ops in turn, each
+// last layer's output is written normalised (y): in eval, where its statistics are given, a
+// last 1x1 layer normalises each product chunk while it is in cache (pw_forward_mapped), so
+// its raw output is never read back from memory (saved holds an empty tensor for it; the
+// backward takes the ReLU mask from y). Compared with the layer ops in turn, each
 // lazy 1x1 layer saves the pass that wrote xhat and y (two full tensors) and keeps one
 // tensor alive instead of two.
 // saved (CPU layout): every layer's stored output (raw for 1x1 layers, xhat for depthwise
-// ones), then the maps' shifts [G, sum C_i]: the values of the mean output (batch means in
-// training, running means in eval), copied because outputs may not alias; the scales follow
-// from the var output.
+// ones; empty for an eval chain's last 1x1 layer), then the maps' shifts [G, sum C_i]: the
+// values of the mean output (batch means in training, running means in eval), copied because
+// outputs may not alias; the scales follow from the var output.
 
 // A stored tensor and its map: shift / scale point to [G, C] arrays (shift null: no map) that
 // outlive it (the chain keeps them in a StatsStore).
@@ -672,6 +702,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
     StatsStore<T> store;
     Lazy<T> in{x};
     int64_t off = 0;
+    const bool map_last = !training && layers[n - 1] == 0;
     for (size_t i = 0; i < n; ++i) {
       const int64_t Ci = channels[i];
       T* m = store.make(groups * Ci);
@@ -686,6 +717,20 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
         if (in.mapped()) in = Lazy<T>{materialize<T>(in, groups)};
         const int64_t R = in.s.size(0), H = in.s.size(2), W = in.s.size(3);
         const at::Tensor rows = strided_pixel_rows(in.s);
+        if (map_last && i + 1 == n) {
+          // eval, last layer: its BN + ReLU per product chunk; y is the result, saved holds
+          // an empty tensor in its place (the backward reads y)
+          T* scale = store.make(groups * Ci);
+          rstd_into<T>(v, groups * Ci, eps, scale);
+          y = pw_forward_mapped<T>(rows, weights[i], R, groups, H * W, m, scale, true)
+                  .view({R, H, W, Ci})
+                  .permute({0, 3, 1, 2});
+          put_columns(m, groups, Ci, mean.data_ptr<T>(), total, off);
+          put_columns(v, groups, Ci, var.data_ptr<T>(), total, off);
+          put_columns(m, groups, Ci, shift.data_ptr<T>(), total, off);
+          saved.push_back(at::empty({0}, opt));
+          break;
+        }
         const at::Tensor z =
             training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W, m, v)
                      : pw_forward_raw<T>(rows, weights[i], R, groups, H * W);
@@ -715,7 +760,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       off += Ci;
     }
     // (a depthwise last layer: a copy, since outputs may not alias each other)
-    y = in.mapped() ? materialize<T>(in, groups) : in.s.clone(at::MemoryFormat::ChannelsLast);
+    if (!y.defined())
+      y = in.mapped() ? materialize<T>(in, groups) : in.s.clone(at::MemoryFormat::ChannelsLast);
   });
   saved.push_back(shift);
   return {y, saved, mean, var};
@@ -770,6 +816,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
       }
     }
     auto lazy = [&](size_t i) {  // layer i's stored output, with its map for a 1x1 layer
+      // (an eval chain's last 1x1 layer normalised per product chunk, saved empty: its
+      // output y, whose sign is the map's ReLU mask: y > 0 exactly where h > 0)
+      if (i + 1 == n && layers[i] == 0 && !training && saved[i].numel() == 0)
+        return Lazy<T>{rows_last(y)};
       Lazy<T> t{rows_last(saved[i])};
       if (layers[i] == 0) {
         t.shift = shifts[i];
@@ -791,7 +841,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
         const int64_t O = channels[j], pixels = H * W;
         at::Tensor dz = at::empty({R * pixels, O}, opt);
         pw_dz<T>(ch, true, g.const_data_ptr<T>(), out.s.const_data_ptr<T>(), out.shift,
-                 out.scale, pixels, O, training, dz.data_ptr<T>(), out_sums.get(),
+                 scales[j], pixels, O, training, dz.data_ptr<T>(), out_sums.get(),
                  j == n - 1 ? g_ps : 0);
         if (in.mapped()) in = Lazy<T>{materialize<T>(in, groups)};
         grad_w[j] = pw_weight_grad<T>(dz, strided_pixel_rows(in.s)).view({O, C, 1, 1});

@@ -110,7 +110,8 @@ if HAVE_C:
         composite bodies (CUDA, and the Triton family) keep the outputs of layers 0 .. n-2,
         then the xhat of each pointwise layer (empty in eval); the CPU body (``cpu_body``,
         csrc/cpu/block_cpu.cpp) keeps every layer's stored output (raw for a pointwise
-        layer, xhat for a depthwise one), then the ``[G, sum C_i]`` shifts of the lazy
+        layer, xhat for a depthwise one; an empty tensor for a last pointwise layer in eval,
+        which normalises as it stores), then the ``[G, sum C_i]`` shifts of the lazy
         normalisation."""
         torch._check(len(weights) == len(layers) >= 1,
                      lambda: "conv_bn_chain: one weight per layer, at least one layer")
@@ -124,7 +125,9 @@ if HAVE_C:
                 xhats.append(xhat)
             else:
                 y, _, _ = _dwconv_bn_fake(h, w, m, v, kind, groups, eps, training)
-            if i + 1 < len(layers) or cpu_body:
+            if cpu_body and i + 1 == len(layers) and kind == 0 and not training:
+                saved.append(x.new_empty((0,)))
+            elif i + 1 < len(layers) or cpu_body:
                 saved.append(y)
             h = y
         if cpu_body:
