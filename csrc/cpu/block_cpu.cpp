@@ -361,9 +361,9 @@ inline RowChunks product_chunks(int64_t R, int64_t groups, int64_t pixels) {
 
 // The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
 // the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
-// epilogue(i) (gemm.h: Store, Moments), then after(i, rows, count) (when given) called on the
-// chunk's output rows while they are in cache. x2d: pixel rows with dense channels, read in place
-// at any row stride (strided_pixel_rows).
+// epilogue(i) (gemm.h: Store, Moments), then after(i, rows, count) (when given) called on
+// the chunk's output rows while they are in cache. x2d: pixel rows with dense channels, read
+// in place at any row stride (strided_pixel_rows).
 template <typename T, typename F, typename A = std::nullptr_t>
 at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const RowChunks& ch,
                       int64_t pixels, const F& epilogue, const A& after = nullptr) {
@@ -651,7 +651,8 @@ at::Tensor materialize(const Lazy<T>& t, int64_t groups) {
   T* op = out.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
     const InputMap<T> map = group_map(t.shift, t.scale, t.relu, ch.group(i), C);
-    for (int64_t r = ch.begin(i); r < ch.end(i); ++r) k_map(sp + r * img, op + r * img, H * W, C, map);
+    for (int64_t r = ch.begin(i); r < ch.end(i); ++r)
+      k_map(sp + r * img, op + r * img, H * W, C, map);
   });
   return out;
 }
@@ -725,16 +726,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
           y = pw_forward_mapped<T>(rows, weights[i], R, groups, H * W, m, scale, true)
                   .view({R, H, W, Ci})
                   .permute({0, 3, 1, 2});
-          put_columns(m, groups, Ci, mean.data_ptr<T>(), total, off);
-          put_columns(v, groups, Ci, var.data_ptr<T>(), total, off);
-          put_columns(m, groups, Ci, shift.data_ptr<T>(), total, off);
-          saved.push_back(at::empty({0}, opt));
-          break;
+          out = at::empty({0}, opt);
+        } else {
+          const at::Tensor z =
+              training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W, m, v)
+                       : pw_forward_raw<T>(rows, weights[i], R, groups, H * W);
+          out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
         }
-        const at::Tensor z =
-            training ? pw_forward_moments<T>(rows, weights[i], R, groups, H * W, m, v)
-                     : pw_forward_raw<T>(rows, weights[i], R, groups, H * W);
-        out = z.view({R, H, W, Ci}).permute({0, 3, 1, 2});
       } else {
         check_dwconv_input(in.s, weights[i], layers[i], groups);
         const at::Tensor wc = weights[i].contiguous();
@@ -749,6 +747,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
       put_columns(v, groups, Ci, var.data_ptr<T>(), total, off);
       put_columns(m, groups, Ci, shift.data_ptr<T>(), total, off);
       saved.push_back(out);
+      if (y.defined()) break;  // (the eval last layer above)
       in = Lazy<T>{out};
       if (layers[i] == 0) {
         T* scale = store.make(groups * Ci);
