@@ -91,4 +91,7 @@ TORCH_LIBRARY(fastshift, m) {
   // The compute capabilities the CUDA bodies were compiled for (major * 10 + minor; 1000 +
   // that for PTX, which newer GPUs compile at load time); empty for a CPU-only build.
   m.def("cuda_archs() -> int[]");
+  // The instruction-set level of the CPU bodies' kernels that run in this process (csrc/cpu/
+  // multiversion.h): 4 (x86-64-v4: AVX-512), 3 (x86-64-v3: AVX2 + FMA) or 0 (generic).
+  m.def("cpu_kernel_level() -> int");
 }

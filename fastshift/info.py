@@ -48,6 +48,8 @@ def collect() -> dict:
         "ops": FUSED_OPS if ops.HAVE_C else {},
         "triton_usable": {"cpu": ops.triton_usable("cpu"), "cuda": ops.triton_usable("cuda")},
         "cpu_threads": torch.get_num_threads(),
+        "cpu_kernels": ops.cpu_kernel_level(),
+        "cpu_isa_env": os.environ.get("FASTSHIFT_CPU_ISA"),
     }
 
 
@@ -83,6 +85,9 @@ def report(as_json: bool = False) -> str:
     if facts["backend_auto_cuda"]:
         lines.append(f"auto on CUDA -> {facts['backend_auto_cuda']}")
     lines.append(f"CPU threads: {facts['cpu_threads']}")
+    if facts["cpu_kernels"] is not None:
+        lines.append(f"CPU kernels: {facts['cpu_kernels']}; "
+                     f"FASTSHIFT_CPU_ISA={facts['cpu_isa_env'] or '(unset)'}")
     return "\n".join(lines)
 
 

@@ -28,9 +28,11 @@ TOL = {torch.float64: 1e-10, torch.float32: 2e-4}
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 
 # (rows, channels, height, width, kernel, stride, groups)
+# (59 channels: every channel block of the CPU kernels at 64-byte vectors, float and double:
+# two vectors, one, a 32-byte vector, single channels)
 DW_SHAPES = [(4, 8, 8, 8, 3, 1, 2), (3, 5, 7, 9, 5, 2, 1), (6, 19, 5, 6, 7, 1, 3),
              (1, 3, 4, 4, 3, 1, 1), (0, 4, 4, 4, 3, 1, 1), (2, 33, 1, 1, 7, 1, 1),
-             (4, 16, 3, 3, 7, 2, 2), (2, 40, 9, 9, 3, 2, 1)]
+             (4, 16, 3, 3, 7, 2, 2), (2, 40, 9, 9, 3, 2, 1), (2, 59, 3, 4, 5, 1, 1)]
 # (rows, in channels, out channels, height, width, groups)
 # (13 -> 19 channels: whole 8 x 8 blocks and both tails of the CPU body's weight transpose)
 PW_SHAPES = [(4, 8, 6, 4, 4, 2), (3, 5, 11, 7, 3, 1), (1, 3, 3, 1, 1, 1), (0, 4, 4, 2, 2, 1),
@@ -43,8 +45,8 @@ def _dtypes(device):
 
 # The Triton interpreter (CPU) costs seconds per call: there, the two largest shapes are left out
 # and the layout variants run on the first shape only (CUDA runs everything).
-INTERPRETED_SKIP = {(6, 19, 5, 6, 7, 1, 3), (2, 40, 9, 9, 3, 2, 1), (6, 40, 24, 2, 5, 3),
-                    (2, 13, 19, 3, 2, 1)}
+INTERPRETED_SKIP = {(6, 19, 5, 6, 7, 1, 3), (2, 40, 9, 9, 3, 2, 1), (2, 59, 3, 4, 5, 1, 1),
+                    (6, 40, 24, 2, 5, 3), (2, 13, 19, 3, 2, 1)}
 
 
 def _interpreted(backend, device):
@@ -888,6 +890,96 @@ def test_unit_chain_split_ready_equals_reference(backend, device, training):
         _assert_close(b, a, torch.float64, f"grad {name}")
     for (name, a), b in zip(ref_units.named_buffers(), units.buffers()):
         _assert_close(b.double(), a.double(), torch.float64, f"buffer {name}")
+
+
+_LEVEL_CHECK = r"""
+import torch
+from fastshift import ops
+torch.manual_seed(0)
+print("level", int(torch.ops.fastshift.cpu_kernel_level()))
+# channel counts that meet every channel block of the kernels at 32- and 64-byte vectors, float
+# and double (59: two vectors, one, a 32-byte vector and single channels at 64 bytes), every
+# depthwise kernel size and both strides, training and eval, a lazily normalised chain
+for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 1e-5)):
+    worst = 0.0
+    cases = [("dw", (3, 59, 7, 6), k, s) for k in (3, 5, 7) for s in (1, 2)]
+    cases += [("dw", (2, 8, 5, 5), 3, 1), ("dw", (2, 27, 4, 3), 7, 2),
+              ("pw", (3, 19, 5, 4), 59, None), ("pw", (2, 59, 3, 3), 24, None),
+              ("chain", (2, 27, 6, 5), 59, None)]
+    for kind, (r, c, h, w), k, stride in cases:
+        for training in (True, False):
+            x = torch.randn(r, c, h, w, dtype=dtype).contiguous(
+                memory_format=torch.channels_last).requires_grad_(True)
+            if kind == "dw":
+                weights, layers = [torch.randn(c, 1, k, k, dtype=dtype)], [stride]
+            elif kind == "pw":
+                weights, layers = [torch.randn(k, c, 1, 1, dtype=dtype)], [0]
+            else:
+                weights = [torch.randn(k, c, 1, 1, dtype=dtype), torch.randn(k, 1, 5, 5,
+                           dtype=dtype), torch.randn(c, k, 1, 1, dtype=dtype)]
+                layers = [0, 1, 0]
+            weights = [wt.requires_grad_(True) for wt in weights]
+            sizes = [wt.shape[0] for wt in weights]
+            stats = ([torch.randn(n, dtype=dtype) for n in sizes],
+                     [torch.rand(n, dtype=dtype) + 0.5 for n in sizes])
+            outs = []
+            for backend in ("cpu", "reference"):
+                means, vars_ = ([t.clone() for t in ts] for ts in stats)
+                y = ops.conv_bn_chain(x, weights, layers, means, vars_, training=training,
+                                      momentums=[0.1] * len(sizes), backend=backend)
+                g = torch.randn(y.shape, dtype=dtype, generator=torch.Generator().manual_seed(1))
+                outs.append([y, *means, *vars_, *torch.autograd.grad(y, [x, *weights], g)])
+            for a, b in zip(*outs):
+                a, b = a.detach(), b.detach()
+                worst = max(worst, float((a - b).abs().max() / (1 + b.abs().max())))
+    print(str(dtype), worst, tol)
+"""
+
+
+@needs_c
+@pytest.mark.parametrize("level", ["x86-64-v4", "x86-64-v3", "generic"])
+def test_cpu_kernels_at_every_instruction_set_level(level):
+    """The CPU bodies' kernels come in one version per instruction-set level
+    (csrc/cpu/multiversion.h; the x86-64-v4 one on 64-byte vectors, the others on 32-byte
+    ones), and a machine runs only the highest it supports. FASTSHIFT_CPU_ISA caps the level,
+    so each version is checked here against the reference (values, running statistics and
+    gradients of depthwise, 1x1 and chained layers over every channel block), in float64 and
+    float32; a level above the CPU's runs the CPU's own."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, FASTSHIFT_CPU_ISA=level)
+    env.pop("FASTSHIFT_CPU_GEMM", None)
+    native = subprocess.run([sys.executable, "-c", "import torch, fastshift; print(int("
+                             "torch.ops.fastshift.cpu_kernel_level()))"],
+                            env={k: v for k, v in env.items() if k != "FASTSHIFT_CPU_ISA"},
+                            capture_output=True, text=True, timeout=300)
+    assert native.returncode == 0, native.stderr
+    cap = {"x86-64-v4": 4, "x86-64-v3": 3, "generic": 0}[level]
+    want = min(int(native.stdout.split()[-1]), cap)
+    out = subprocess.run([sys.executable, "-c", _LEVEL_CHECK], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.split("\n")
+    assert lines[0] == f"level {want}", out.stdout
+    for line in lines[1:]:
+        if line:
+            dtype, worst, tol = line.split()
+            assert float(worst) < float(tol), out.stdout
+
+
+def test_cpu_isa_env_is_checked():
+    """A FASTSHIFT_CPU_ISA value the extension would ignore stops the import with its name."""
+    import os
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-c", "import fastshift"],
+                         env=dict(os.environ, FASTSHIFT_CPU_ISA="avx512"), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode != 0
+    assert "FASTSHIFT_CPU_ISA='avx512'" in out.stderr and "x86-64-v3" in out.stderr
 
 
 _TILE_CHECK = r"""

@@ -875,5 +875,9 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
   m.impl("pwconv_bn_relu_backward", &pwconv_bn_relu_backward_cpu);
 }
 
+TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {
+  m.impl("cpu_kernel_level", [] { return int64_t{isa_level()}; });
+}
+
 }  // namespace cpu_block
 }  // namespace fastshift

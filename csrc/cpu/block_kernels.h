@@ -64,32 +64,40 @@ void for_chunks_scratch(const RowChunks& ch, int64_t n, const F& f) {
   });
 }
 
-// A block of channels: NV values of type V (a 32-byte vector of T, or T itself).
+// A block of channels: NV values of type V (a vector of T, or T itself).
 template <typename V, int NV>
 struct Block {
   using type = V;
   static constexpr int count = NV;
 };
 
-// 32-byte GCC/Clang vector of T: lowered to one AVX register in the x86-64-v3 clone and to two
-// SSE registers in the generic one.
-template <typename T>
-using VecOf = gemm::Vec<T, 32>;
+// W-byte GCC/Clang vector of T. The kernels below take W as a template parameter; the entry
+// points (block_kernels.inc) instantiate them with W = 64 in the x86-64-v4 version (one AVX-512
+// register) and W = 32 in the others (one AVX register in x86-64-v3, two SSE registers in the
+// generic one).
+template <typename T, int W>
+using VecOf = gemm::Vec<T, W>;
 
 // Unaligned vector (or scalar) loads and stores, as the products use them.
 using gemm::load;
 using gemm::store;
 
-// Calls f(Block<V, NV>{}, c0) over the channels: blocks of two vectors (64 bytes, one cache
-// line), then one vector, then single channels, so every inner loop has a compile-time trip
-// count and keeps its accumulators in registers.
-template <typename T, typename F>
+// Calls f(Block<V, NV>{}, c0) over the channels: blocks of two W-byte vectors, then one, then
+// (W > 32) one 32-byte vector, then single channels, so every inner loop has a compile-time
+// trip count and keeps its accumulators in registers, and a channel count that is a multiple
+// of 32 bytes' worth (8 floats) runs without scalar steps at any W.
+template <typename T, int W, typename F>
 inline void for_channel_blocks(int64_t C, const F& f) {
-  using V = typename VecOf<T>::type;
+  using V = typename VecOf<T, W>::type;
   constexpr int L = sizeof(V) / sizeof(T);
   int64_t c = 0;
   for (; c + 2 * L <= C; c += 2 * L) f(Block<V, 2>{}, c);
   for (; c + L <= C; c += L) f(Block<V, 1>{}, c);
+  if constexpr (W > 32) {
+    using H = typename VecOf<T, 32>::type;
+    constexpr int LH = sizeof(H) / sizeof(T);
+    for (; c + LH <= C; c += LH) f(Block<H, 1>{}, c);
+  }
   for (; c < C; ++c) f(Block<T, 1>{}, c);
 }
 
@@ -103,12 +111,12 @@ inline T lane(const V& v, int l) {
 }
 
 // Calls f(V{}, i, c) for every vector V of channels of every pixel of a [pixels, C] array:
-// i is the index of its first element, c its first channel (32-byte vectors, then single values
-// for a channel tail), so elementwise passes vectorize whatever aliasing the compiler assumes.
-template <typename T, typename F>
+// i is the index of its first element, c its first channel (the blocks of for_channel_blocks
+// one vector at a time), so elementwise passes vectorize whatever aliasing the compiler assumes.
+template <typename T, int W, typename F>
 inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
   for (int64_t p = 0; p < pixels; ++p)
-    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+    for_channel_blocks<T, W>(C, [&](auto blk, int64_t c0) {
       using V = typename decltype(blk)::type;
       constexpr int NV = decltype(blk)::count;
       constexpr int L = sizeof(V) / sizeof(T);
@@ -118,10 +126,10 @@ inline void for_pixel_vectors(int64_t pixels, int64_t C, const F& f) {
 
 // for_pixel_vectors with one array read at pixel stride ps (>= C): f(V{}, i, j, c), i the index
 // in the dense arrays, j in the strided one.
-template <typename T, typename F>
+template <typename T, int W, typename F>
 inline void for_pixel_vectors_strided(int64_t pixels, int64_t C, int64_t ps, const F& f) {
   for (int64_t p = 0; p < pixels; ++p)
-    for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+    for_channel_blocks<T, W>(C, [&](auto blk, int64_t c0) {
       using V = typename decltype(blk)::type;
       constexpr int NV = decltype(blk)::count;
       constexpr int L = sizeof(V) / sizeof(T);
@@ -142,7 +150,7 @@ struct InputMap {
 
 // dst[p, c] = h(src[p, c]) for `pixels` pixels of C channels (the map above); src at pixel
 // stride src_ps (0: C), dst dense.
-template <typename T>
+template <typename T, int W>
 inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const InputMap<T>& m,
                        int64_t src_ps = 0) {
   const int64_t ps = src_ps ? src_ps : C;
@@ -155,7 +163,7 @@ inline void map_pixels(const T* src, T* dst, int64_t pixels, int64_t C, const In
     return;
   }
   auto run = [&](auto relu) {
-    for_pixel_vectors_strided<T>(pixels, C, ps, [&](auto tag, int64_t i, int64_t j, int64_t c) {
+    for_pixel_vectors_strided<T, W>(pixels, C, ps, [&](auto tag, int64_t i, int64_t j, int64_t c) {
       using V = decltype(tag);
       const V h = (load<V>(src + j) - load<V>(m.shift + c)) * load<V>(m.scale + c);
       if constexpr (decltype(relu)::value) store(dst + i, h < V{} ? V{} : h);
@@ -183,7 +191,7 @@ inline int64_t padded_w(const DwShape& s) { return s.W + 2 * s.P(); }
 // dst [PH, PW, C] := zeros with the image src [rows, cols, C] at offset (top, left): each
 // element written once (the border zeroed, the interior copied), not zero-filled first.
 // With a map, the interior is h(src) (InputMap).
-template <typename T>
+template <typename T, int W>
 inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_t PH,
                         int64_t PW, int64_t top, int64_t left, int64_t C,
                         const InputMap<T>& map = {}, int64_t src_ps = 0) {
@@ -192,7 +200,7 @@ inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_
   for (int64_t h = 0; h < rows; ++h) {
     T* row = dst + (top + h) * PW * C;
     std::fill(row, row + left * C, T(0));
-    map_pixels(src + h * cols * ps, row + left * C, cols, C, map, ps);
+    map_pixels<T, W>(src + h * cols * ps, row + left * C, cols, C, map, ps);
     std::fill(row + (left + cols) * C, row + PW * C, T(0));
   }
   std::fill(dst + (top + rows) * PW * C, dst + PH * PW * C, T(0));
@@ -200,20 +208,20 @@ inline void embed_image(const T* src, int64_t rows, int64_t cols, T* dst, int64_
 
 // pad [(H + 2P), (W + 2P), C] := zeros with the image h(x) [H, W, C] (pixel stride s.xs())
 // at offset (P, P).
-template <typename T>
+template <typename T, int W>
 inline void pad_image(const T* x, T* pad, const DwShape& s, const InputMap<T>& map = {}) {
-  embed_image(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C, map, s.XS);
+  embed_image<T, W>(x, s.H, s.W, pad, padded_h(s), padded_w(s), s.P(), s.P(), s.C, map, s.XS);
 }
 
 // pad := zeros with dz [OH, OW, C] scattered to (P + o*S) rows and columns: the transposed
 // conv dx = sum_t dz[(i + P - t) / S] w[t] then is a stride-1 valid conv of pad with the
 // flipped kernel. Used for S != 2 (for S = 2 three of four products would meet zeros; that
 // case runs polyphase, dw_input_grad_s2).
-template <typename T>
+template <typename T, int W>
 inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
   const int64_t P = s.P(), PW = padded_w(s), C = s.C;
   if (s.S == 1) {
-    embed_image(dz, s.OH, s.OW, pad, padded_h(s), PW, P, P, C);
+    embed_image<T, W>(dz, s.OH, s.OW, pad, padded_h(s), PW, P, P, C);
     return;
   }
   std::fill(pad, pad + padded_h(s) * PW * C, T(0));
@@ -228,12 +236,12 @@ inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
 // (o_h, o_w) is at out + o_h * out_rs + o_w * out_cs (elements; dense: out_w * C and C).
 // Register tiles of TW output pixels x B channels keep TW * B / lanes independent accumulator
 // chains.
-template <typename T>
+template <typename T, int W>
 inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int64_t KW,
                          int64_t S, T* out, int64_t out_h, int64_t out_w, int64_t out_rs,
                          int64_t out_cs, int64_t C, const T* shift, const T* scale) {
   constexpr int TW = 4;
-  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+  for_channel_blocks<T, W>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
     constexpr int NV = decltype(blk)::count;
     constexpr int L = sizeof(V) / sizeof(T);
@@ -276,10 +284,10 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int6
 
 // dw[kh, kw0 + u, c] += sum_o pad[o_h*S + kh, o_w*S + kw0 + u, c] * dz[o, c] for u < NT taps
 // at once (NT independent accumulators share each dz load).
-template <typename T, int NT>
+template <typename T, int W, int NT>
 inline void dw_weight_taps(const T* pad, const T* dz, T* dw, const DwShape& s, int64_t kw0) {
   const int64_t PW = padded_w(s), C = s.C, S = s.S;
-  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+  for_channel_blocks<T, W>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
     constexpr int NV = decltype(blk)::count;
     constexpr int L = sizeof(V) / sizeof(T);
@@ -308,12 +316,12 @@ inline void dw_weight_taps(const T* pad, const T* dz, T* dw, const DwShape& s, i
 
 // One image: z = depthwise conv of h(x) (padding P, stride S; `map`: InputMap); with
 // shift/scale given, stores (z - shift) * scale. `pad` is scratch of padded_h * padded_w * C.
-template <typename T>
+template <typename T, int W>
 inline void dw_forward_image(const T* x, const T* wt, T* z, const DwShape& s, const T* shift,
                              const T* scale, T* pad, const InputMap<T>& map) {
-  pad_image(x, pad, s, map);
-  valid_dwconv(pad, padded_w(s), wt, s.K, s.K, s.S, z, s.OH, s.OW, s.OW * s.C, s.C, s.C, shift,
-               scale);
+  pad_image<T, W>(x, pad, s, map);
+  valid_dwconv<T, W>(pad, padded_w(s), wt, s.K, s.K, s.S, z, s.OH, s.OW, s.OW * s.C, s.C, s.C,
+                     shift, scale);
 }
 
 // Stride 2, polyphase: the input pixels of one parity (rh, rw) receive only the taps of one
@@ -365,11 +373,11 @@ inline int64_t input_grad_scratch(const DwShape& s) {
 
 // wsub: for tap parities (tau_h, tau_w), sub-kernel [M_h, M_w, C] at wsub + offset(tau_h,
 // tau_w), built from w [C, K, K] by input_grad_taps (below).
-template <typename T>
+template <typename T, int W>
 inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s, T* pad) {
   const Border bh = s2_border(s.H, s.OH, s.K), bw = s2_border(s.W, s.OW, s.K);
   const int64_t C = s.C, PW = s.OW + bw.lo + bw.hi, PH = s.OH + bh.lo + bh.hi;
-  embed_image(dz, s.OH, s.OW, pad, PH, PW, bh.lo, bw.lo, C);
+  embed_image<T, W>(dz, s.OH, s.OW, pad, PH, PW, bh.lo, bw.lo, C);
   for (int64_t rh = 0; rh < 2; ++rh) {
     const Phase ph = phase_of(s.H, s.K, rh);
     if (ph.count == 0) continue;
@@ -380,9 +388,9 @@ inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s
       int64_t offset = 0;
       for (int64_t i = 0; i < ph.tau * 2 + pw.tau; ++i)
         offset += parity_taps(s.K, i / 2) * parity_taps(s.K, i % 2) * C;
-      valid_dwconv<T>(pad + ((ph.off + bh.lo) * PW + pw.off + bw.lo) * C, PW, wsub + offset,
-                      ph.taps, pw.taps, 1, dx + (rh * s.W + rw) * C, ph.count, pw.count,
-                      2 * s.W * C, 2 * C, C, nullptr, nullptr);
+      valid_dwconv<T, W>(pad + ((ph.off + bh.lo) * PW + pw.off + bw.lo) * C, PW, wsub + offset,
+                         ph.taps, pw.taps, 1, dx + (rh * s.W + rw) * C, ph.count, pw.count,
+                         2 * s.W * C, 2 * C, C, nullptr, nullptr);
     }
   }
 }
@@ -390,29 +398,29 @@ inline void dw_input_grad_s2(const T* dz, const T* wsub, T* dx, const DwShape& s
 // One image: dx = transposed depthwise conv of dz. Stride 1 (or any stride but 2): `w` is wt
 // with the taps reversed, dz is upsampled into `pad` and convolved at stride 1. Stride 2: `w`
 // holds the four reversed sub-kernels (dw_input_grad_s2).
-template <typename T>
+template <typename T, int W>
 inline void dw_input_grad_image(const T* dz, const T* w, T* dx, const DwShape& s, T* pad) {
   if (s.S == 2) {
-    dw_input_grad_s2(dz, w, dx, s, pad);
+    dw_input_grad_s2<T, W>(dz, w, dx, s, pad);
     return;
   }
-  upsample_image(dz, pad, s);
-  valid_dwconv<T>(pad, padded_w(s), w, s.K, s.K, 1, dx, s.H, s.W, s.W * s.C, s.C, s.C, nullptr,
-                  nullptr);
+  upsample_image<T, W>(dz, pad, s);
+  valid_dwconv<T, W>(pad, padded_w(s), w, s.K, s.K, 1, dx, s.H, s.W, s.W * s.C, s.C, s.C,
+                     nullptr, nullptr);
 }
 
 // One image: dw[t, c] += sum_o h(x)[o*S - P + t, c] * dz[o, c] (`map`: InputMap).
-template <typename T>
+template <typename T, int W>
 inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& s, T* pad,
                                  const InputMap<T>& map) {
-  pad_image(x, pad, s, map);
+  pad_image<T, W>(x, pad, s, map);
   switch (s.K) {
-    case 1: dw_weight_taps<T, 1>(pad, dz, dw, s, 0); break;
-    case 3: dw_weight_taps<T, 3>(pad, dz, dw, s, 0); break;
-    case 5: dw_weight_taps<T, 5>(pad, dz, dw, s, 0); break;
-    case 7: dw_weight_taps<T, 7>(pad, dz, dw, s, 0); break;
+    case 1: dw_weight_taps<T, W, 1>(pad, dz, dw, s, 0); break;
+    case 3: dw_weight_taps<T, W, 3>(pad, dz, dw, s, 0); break;
+    case 5: dw_weight_taps<T, W, 5>(pad, dz, dw, s, 0); break;
+    case 7: dw_weight_taps<T, W, 7>(pad, dz, dw, s, 0); break;
     default:
-      for (int64_t kw = 0; kw < s.K; ++kw) dw_weight_taps<T, 1>(pad, dz, dw, s, kw);
+      for (int64_t kw = 0; kw < s.K; ++kw) dw_weight_taps<T, W, 1>(pad, dz, dw, s, kw);
   }
 }
 
@@ -423,12 +431,12 @@ inline void dw_weight_grad_image(const T* x, const T* dz, T* dw, const DwShape& 
 // With Mapped (modes 1 and 2), b is read through `map` (xhat = (b - shift) * scale, the stored
 // tensor being the layer's raw output). `lda`: a's pixel stride (0: C; b is dense).
 // Spans of 64 rows are summed in registers (type T), then flushed to the double sums.
-template <typename T, int Mode, bool Mapped = false>
+template <typename T, int W, int Mode, bool Mapped = false>
 inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, double* s1,
                          double* s2, const InputMap<T>& map = {}, int64_t lda = 0) {
   const int64_t pa = lda ? lda : C;
   constexpr int64_t kSpan = 64;
-  for_channel_blocks<T>(C, [&](auto blk, int64_t c0) {
+  for_channel_blocks<T, W>(C, [&](auto blk, int64_t c0) {
     using V = typename decltype(blk)::type;
     constexpr int NV = decltype(blk)::count;
     constexpr int L = sizeof(V) / sizeof(T);
@@ -465,11 +473,11 @@ inline void channel_sums(const T* a, const T* b, int64_t pixels, int64_t C, doub
 // with ReLU, `xhat` is the output y (same sign as xhat where it matters).
 // With Mapped, `xhat` is the raw output, read through `map` (as in channel_sums). `ldy`: dy's
 // pixel stride (xhat and dz are dense).
-template <typename T, bool relu, bool train, bool Mapped>
+template <typename T, int W, bool relu, bool train, bool Mapped>
 inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64_t C,
                                const T* rstd, const T* a, const T* b, T* dz,
                                const InputMap<T>& map, int64_t ldy) {
-  for_pixel_vectors_strided<T>(pixels, C, ldy, [&](auto tag, int64_t i, int64_t j, int64_t c) {
+  for_pixel_vectors_strided<T, W>(pixels, C, ldy, [&](auto tag, int64_t i, int64_t j, int64_t c) {
     using V = decltype(tag);
     V g = load<V>(dy + j);
     if constexpr (relu || train) {
@@ -482,12 +490,12 @@ inline void bn_input_grad_loop(const T* dy, const T* xhat, int64_t pixels, int64
   });
 }
 
-template <typename T, bool relu>
+template <typename T, int W, bool relu>
 inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C, const T* rstd,
                           const T* a, const T* b, T* dz, const InputMap<T>& map,
                           int64_t ldy = 0) {
   auto run = [&](auto train, auto mapped) {
-    bn_input_grad_loop<T, relu, decltype(train)::value, decltype(mapped)::value>(
+    bn_input_grad_loop<T, W, relu, decltype(train)::value, decltype(mapped)::value>(
         dy, xhat, pixels, C, rstd, a, b, dz, map, ldy ? ldy : C);
   };
   const bool mapped = map.shift != nullptr;
@@ -502,9 +510,9 @@ inline void bn_input_grad(const T* dy, const T* xhat, int64_t pixels, int64_t C,
 
 // In place z := (z - mean) * rstd; with relu also y := max(z, 0) (y may alias z; NaN passes
 // through, as torch.relu).
-template <typename T, bool relu>
+template <typename T, int W, bool relu>
 inline void normalize(T* z, T* y, int64_t pixels, int64_t C, const T* mean, const T* rstd) {
-  for_pixel_vectors<T>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
+  for_pixel_vectors<T, W>(pixels, C, [&](auto tag, int64_t i, int64_t c) {
     using V = decltype(tag);
     const V x = (load<V>(z + i) - load<V>(mean + c)) * load<V>(rstd + c);
     store(z + i, x);

@@ -24,6 +24,8 @@
 #include <cstring>
 #include <utility>
 
+#include "multiversion.h"
+
 namespace fastshift {
 namespace gemm {
 
@@ -169,20 +171,16 @@ inline void product(const T* a, int64_t ars, int64_t aks, const T* b, int64_t ld
                                            std::min(kBlockRows, M - r), K, N, e);
 }
 
-// Whether to use the tiles sized for 32 vector registers of 64 bytes (AVX-512): 6 x 4 vectors
-// of 64 bytes; otherwise 6 x 2 of 32 bytes (16 AVX2 registers). In both the accumulators, the
-// B row and the broadcast A value stay in registers. FASTSHIFT_CPU_GEMM=narrow forces the
-// narrow tiles (tests run both on an AVX-512 machine).
+// Whether to use the tiles sized for 32 vector registers of 64 bytes (AVX-512, the x86-64-v4
+// version: multiversion.h): 6 x 4 vectors of 64 bytes; otherwise 6 x 2 of 32 bytes (16 AVX2
+// registers). In both the accumulators, the B row and the broadcast A value stay in registers.
+// FASTSHIFT_CPU_GEMM=narrow forces the narrow tiles (tests run both on an AVX-512 machine).
 inline bool wide_registers() {
-#if (defined(__GNUC__) || defined(__clang__)) && defined(__x86_64__)
   static const bool wide = [] {
     const char* force = std::getenv("FASTSHIFT_CPU_GEMM");
-    return __builtin_cpu_supports("avx512f") && !(force && std::strcmp(force, "narrow") == 0);
+    return cpu_block::isa_level() >= 4 && !(force && std::strcmp(force, "narrow") == 0);
   }();
   return wide;
-#else
-  return false;
-#endif
 }
 
 // The integer vector type __builtin_shuffle takes as the mask of a vector V of T.

@@ -27,13 +27,14 @@ import torch
 
 from . import reference
 from . import triton as _triton
-from ._registry import BUILD_ERROR, CUDA_ARCHS, HAVE_C, conv_out_size, cuda_built
+from ._registry import BUILD_ERROR, CUDA_ARCHS, HAVE_C, conv_out_size, cpu_kernel_level, cuda_built
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
            "reference",
-           "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cuda_auto_backend",
+           "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
+           "cuda_auto_backend",
            "AUTO_CUDA_MIN_ROWS", "AUTO_CUDA_MIN_NETWORK_ROWS",
            "triton_usable", "tune_cpu_allocator"]
 

@@ -5,6 +5,8 @@ a registered op, and a call runs no Python between the op and its gradient."""
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch._prims_common import suggest_memory_format
 
@@ -36,6 +38,28 @@ def cuda_built() -> bool:
 # The compute capabilities the CUDA bodies were compiled for (major * 10 + minor; 1000 + that
 # for PTX), from the build's TORCH_CUDA_ARCH_LIST; () without CUDA bodies.
 CUDA_ARCHS = tuple(int(a) for a in torch.ops.fastshift.cuda_archs()) if _CUDA_BUILT else ()
+
+# FASTSHIFT_CPU_ISA caps the instruction-set level of the CPU bodies' kernels
+# (csrc/cpu/multiversion.h; the extension reads it once, at the first kernel call), so that
+# tests can run each version on one machine; a value the extension would ignore is an error.
+CPU_ISA_VALUES = ("x86-64-v4", "x86-64-v3", "generic")
+_CPU_ISA = os.environ.get("FASTSHIFT_CPU_ISA")
+if _CPU_ISA is not None and _CPU_ISA not in CPU_ISA_VALUES:
+    raise ValueError(f"FASTSHIFT_CPU_ISA={_CPU_ISA!r}: expected one of "
+                     f"{', '.join(CPU_ISA_VALUES)} (the highest instruction-set level the CPU "
+                     "kernels may use), or unset for the CPU's own")
+
+_CPU_LEVEL_NAMES = {4: "x86-64-v4 (AVX-512, 64-byte vectors)",
+                    3: "x86-64-v3 (AVX2 + FMA, 32-byte vectors)", 0: "generic"}
+
+
+def cpu_kernel_level() -> str | None:
+    """The version of the CPU bodies' kernels that runs in this process (the highest the CPU
+    supports, capped by FASTSHIFT_CPU_ISA), e.g. ``"x86-64-v4 (AVX-512, 64-byte vectors)"``;
+    None without the extension."""
+    if not HAVE_C:
+        return None
+    return _CPU_LEVEL_NAMES[int(torch.ops.fastshift.cpu_kernel_level())]
 
 
 if HAVE_C:
