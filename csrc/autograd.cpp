@@ -129,6 +129,34 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_autograd(const at::Tenso
   return {out[0], out[1]};
 }
 
+// ---- linear / linear_backward (CPU body only) -----------------------------------------------
+
+using LinearFn = at::Tensor(const at::Tensor&, const at::Tensor&);
+using LinearBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                       const at::Tensor&);
+
+struct Linear : torch::autograd::Function<Linear> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight) {
+    static const auto op = op_handle<LinearFn>("linear");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, weight});
+    ctx->set_materialize_grads(false);
+    return {op.call(x, weight)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    static const auto op = op_handle<LinearBwdFn>("linear_backward");
+    if (!g[0].defined()) return grads({}, 2);
+    const auto s = ctx->get_saved_variables();
+    auto [gx, gw] = op.call(g[0], s[0], s[1]);
+    return {gx, gw};
+  }
+};
+
+at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight) {
+  return Linear::apply(x, weight)[0];
+}
+
 // ---- dwconv_bn / pwconv_bn_relu / conv_bn_chain, each of two families ---------------------
 // (Family = 0: the compiled bodies; 1: the Triton bodies. Their handles: BlockOps.)
 
@@ -267,6 +295,7 @@ TORCH_LIBRARY_IMPL(fastshift, Autograd, m) {
   m.impl("channel_interleave", &channel_interleave_autograd);
   m.impl("shuffle_cat", &shuffle_cat_autograd);
   m.impl("shuffle_cat_backward", &shuffle_cat_backward_autograd);
+  m.impl("linear", &linear_autograd);
   m.impl("dwconv_bn", &dwconv_bn_autograd<0>);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_autograd<0>);
   m.impl("conv_bn_chain", &conv_bn_chain_autograd<0>);

@@ -16,6 +16,21 @@ inline void check_float_dtype(const char* op, const at::Tensor& x) {
               x.scalar_type());
 }
 
+// linear: x [B, C] and weight [O, C], both float32 or float64 on one device.
+inline void check_linear(const at::Tensor& x, const at::Tensor& weight) {
+  const char* op = "linear";
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D [B, C], got ", x.dim(), "-D");
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [O, C], got ", weight.dim(), "-D");
+  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, op,
+              ": x must be float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ",
+              x.scalar_type(), ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight must be [O, ", x.size(1),
+              "] for x of ", x.size(1), " features, got ", weight.sizes());
+  TORCH_CHECK(weight.device() == x.device(), op, ": weight must be on ", x.device(), ", got ",
+              weight.device());
+}
+
 // Statistics [G, C]: the eval statistics in, or the batch statistics out.
 inline void check_stats(const char* op, const char* name, const at::Tensor& s, int64_t groups,
                         int64_t channels, const at::Tensor& x) {

@@ -53,6 +53,12 @@ TORCH_LIBRARY(fastshift, m) {
   // y in eval.
   m.def("pwconv_bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, Tensor xhat, "
         "Tensor var, int groups, float eps, bool training) -> (Tensor grad_x, Tensor grad_weight)");
+  // The classifier y [B, O] = x [B, C] weight^T (weight [O, C], no bias; float32 / float64),
+  // and its gradients. CPU body only (csrc/cpu/block_cpu.cpp): on CUDA, cuBLAS's matmul is
+  // what the Python side calls (fastshift.ops.linear).
+  m.def("linear(Tensor x, Tensor weight) -> Tensor");
+  m.def("linear_backward(Tensor grad_y, Tensor x, Tensor weight) -> (Tensor grad_x, "
+        "Tensor grad_weight)");
   // The same four ops with bodies written in Triton (fastshift/ops/triton), registered from
   // Python for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1). Same contracts.
   m.def("dwconv_bn_triton(Tensor x, Tensor weight, Tensor mean, Tensor var, int stride, "

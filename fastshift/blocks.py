@@ -16,7 +16,7 @@ from . import ops
 from .space import Choice, LayerSpec
 
 __all__ = ["ShuffleUnit", "XceptionUnit", "build_block", "run_sequential", "run_fused",
-           "module_stats", "uses_fused", "split_ready", "run_units_fused"]
+           "module_stats", "uses_fused", "split_ready", "run_units_fused", "run_head"]
 
 
 def _dw(channels: int, kernel: int, stride: int) -> nn.Conv2d:
@@ -134,6 +134,17 @@ def _plan(seq: nn.Sequential):
              and len({bn.eps for _, bn, _ in layers}) == 1)
     _PLANS[seq] = (key, layers, chain)
     return layers, chain
+
+
+def run_head(head: nn.Sequential, x: torch.Tensor, backend: str | None,
+             fused: bool) -> torch.Tensor:
+    """The classifier ``head`` on pooled features ``x [B, C]`` -> ``[B, classes]``: on the
+    fused path, a head that is one bias-free ``nn.Linear`` (the SPOS head) runs as
+    ``ops.linear`` (fastshift's own products on the ``cpu`` backend); any other head, or the
+    reference path, runs the modules."""
+    if fused and len(head) == 1 and isinstance(head[0], nn.Linear) and head[0].bias is None:
+        return ops.linear(x, head[0].weight, backend=backend)
+    return head(x)
 
 
 def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import run_fused, run_sequential, uses_fused
+from .blocks import run_fused, run_head, run_sequential, uses_fused
 from .ops.reference import grouped_batch_norm
 
 __all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks"]
@@ -269,7 +269,7 @@ def _tail(net, h: torch.Tensor, prefixes, stats: PathStats, training: bool,
     else:
         h = run_sequential(net.conv_last, h, stats.batch_norm(prefixes, training),
                            conv_channels_last)
-    return net.classifier(net.dropout(h.mean((2, 3))))
+    return run_head(net.classifier, net.dropout(h.mean((2, 3))), net.backend, fused)
 
 
 def _stem(net, x: torch.Tensor, stats: PathStats, training: bool) -> torch.Tensor:

@@ -21,6 +21,7 @@ from .blocks import (
     build_block,
     module_stats,
     run_fused,
+    run_head,
     run_sequential,
     run_units_fused,
     split_ready,
@@ -82,7 +83,7 @@ class _Classify(nn.Module):
             x = x * mask.bernoulli_(1.0 - p)[start:start + x.shape[0]] / (1.0 - p)
         else:
             x = self.dropout(x)
-        return self.classifier(x)
+        return run_head(self.classifier, x, self.backend, fused)
 
     @property
     def num_classes(self) -> int:

@@ -316,3 +316,100 @@ def test_backend_choice(monkeypatch):
     else:
         with pytest.raises(RuntimeError, match="'cuda' was not built"):
             ops.resolve_backend("cuda", torch.device("cpu"))
+
+
+# ---- linear (the classifier; CPU body only) ----------------------------------------------------
+
+LINEAR_SHAPES = [(64, 1024, 1000), (37, 33, 19), (1, 7, 3), (0, 5, 4), (17, 1, 2)]
+
+
+@needs_c
+@pytest.mark.parametrize("b,c,o", LINEAR_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_linear_matches_reference(b, c, o, layout):
+    """Values and both gradients against nn.functional.linear: float64 to 1e-12; float32 no
+    further from the float64 truth than twice PyTorch's own float32 error (plus a few ulp)."""
+    gen = torch.Generator().manual_seed(b * 1000 + c)
+    x64 = torch.randn(b, c, generator=gen, dtype=torch.float64)
+    w64 = torch.randn(o, c, generator=gen, dtype=torch.float64)
+    g64 = torch.randn(b, o, generator=gen, dtype=torch.float64)
+    truth = [t.detach() for t in _linear_run(reference.linear, x64, w64, g64)]
+    for dtype in (torch.float64, torch.float32):
+        x, w, g = (t.to(dtype) for t in (x64, w64, g64))
+        if layout == "strided":  # x and w as views with a row stride
+            x = torch.cat((x, x), 1)[:, :c]
+            w = torch.cat((w, w), 1)[:, c:]
+        ours = _linear_run(ops.linear, x, w, g, backend="cpu")
+        theirs = _linear_run(reference.linear, x, w, g)
+        for a, t, r in zip(ours, truth, theirs):
+            assert a.dtype == dtype and a.shape == t.shape
+            if dtype == torch.float64:
+                torch.testing.assert_close(a, t, rtol=1e-12, atol=1e-12)
+            elif t.numel():
+                err, ref_err = (a.double() - t).abs().max(), (r.double() - t).abs().max()
+                assert err <= 2 * ref_err + 8 * 2.0 ** -23 * t.abs().max(), (err, ref_err)
+
+
+def _linear_run(fn, x, w, g, **kw):
+    x = x.detach().requires_grad_(True)
+    w = w.detach().requires_grad_(True)
+    y = fn(x, w, **kw)
+    y.backward(g)
+    return y.detach(), x.grad, w.grad
+
+
+@needs_c
+def test_linear_values_do_not_depend_on_the_threads():
+    """The products split their work by shape only: the same bits on one thread and on two."""
+    x, w, g = torch.randn(64, 1024), torch.randn(1000, 1024), torch.randn(64, 1000)
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            runs.append((torch.ops.fastshift.linear(x, w),
+                         *torch.ops.fastshift.linear_backward(g, x, w)))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@needs_c
+def test_linear_gradcheck_opcheck_compile():
+    kw = dict(dtype=torch.float64, requires_grad=True)
+    x, w = torch.randn(5, 7, **kw), torch.randn(3, 7, **kw)
+    assert torch.autograd.gradcheck(torch.ops.fastshift.linear, (x, w))
+    torch.library.opcheck(torch.ops.fastshift.linear.default, (x, w))
+    torch.library.opcheck(torch.ops.fastshift.linear_backward.default,
+                          (torch.randn(5, 3, dtype=torch.float64), x.detach(), w.detach()))
+
+    def f(x, w):
+        return torch.ops.fastshift.linear(x, w).relu().sum(1)
+
+    x32, w32 = torch.randn(6, 20), torch.randn(9, 20)
+    compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x32, w32), f(x32, w32), rtol=0, atol=0)
+
+
+@needs_c
+def test_linear_errors_are_clear():
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match="linear: x must be 2-D"):
+        torch.ops.fastshift.linear(z(2, 3, 4), z(5, 3))
+    with pytest.raises(RuntimeError, match=r"weight must be \[O, 3\] for x of 3 features"):
+        torch.ops.fastshift.linear(z(2, 3), z(5, 4))
+    with pytest.raises(RuntimeError, match="weight must have x's dtype"):
+        torch.ops.fastshift.linear(z(2, 3), z(5, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        torch.ops.fastshift.linear(z(2, 3, dtype=torch.int64), z(5, 3, dtype=torch.int64))
+    with pytest.raises(RuntimeError, match=r"grad_y must be \[2, 5\]"):
+        torch.ops.fastshift.linear_backward(z(2, 4), z(2, 3), z(5, 3))
+
+
+def test_linear_runs_pytorch_off_the_cpu_backend():
+    """The reference backend, and dtypes the op has no body for, run nn.functional.linear."""
+    x, w = torch.randn(4, 6), torch.randn(3, 6)
+    assert torch.equal(ops.linear(x, w, backend="reference"), reference.linear(x, w))
+    xb, wb = x.bfloat16(), w.bfloat16()
+    assert torch.equal(ops.linear(xb, wb, backend="cpu"), reference.linear(xb, wb))

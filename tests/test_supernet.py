@@ -205,3 +205,35 @@ def test_init_is_seeded(digits_space):
     for (k, v), w in zip(a.state_dict().items(), b.state_dict().values()):
         torch.testing.assert_close(v, w, rtol=0, atol=0, msg=k)
     assert np.isclose(float(a.first_conv[0].weight.detach().std()), 0.01, rtol=0.3)
+
+
+@pytest.mark.skipif(not fastshift.ops.HAVE_C, reason="fastshift._C not built")
+def test_fused_head_runs_fastshift_linear(digits_space):
+    """On the cpu backend the SPOS head (one bias-free Linear) runs as fastshift::linear in the
+    path forward and in forward_many, with the reference path's logits; any other head runs
+    its modules."""
+    net = fastshift.Supernet(digits_space, generator=torch.Generator().manual_seed(1)).double()
+    ref = fastshift.Supernet(digits_space, backend="reference").double()
+    ref.load_state_dict(net.state_dict())
+    net.backend = "cpu"
+    x, arch = torch.randn(6, 1, 8, 8, dtype=torch.float64), (0, 1, 2, 3)
+
+    def linear_calls(fn):
+        with torch.profiler.profile() as prof:
+            out = fn()
+        return out, sum(e.name == "fastshift::linear" for e in prof.events())
+
+    for mode in (net.train, net.eval):
+        mode(), (ref.train if mode == net.train else ref.eval)()
+        torch.manual_seed(0)  # the same dropout mask in both
+        out, calls = linear_calls(lambda: net(x, arch))
+        torch.manual_seed(0)
+        torch.testing.assert_close(out, ref(x, arch), rtol=1e-10, atol=1e-12)
+        assert calls == 1
+    net.eval()
+    out, calls = linear_calls(lambda: net.forward_many(x, [arch, (3, 2, 1, 0)]))
+    assert calls == 1 and out.shape == (2, 6, net.num_classes)  # one call: the stacked rows
+    # a head with a bias is no fastshift::linear: its modules run
+    net.classifier = torch.nn.Sequential(torch.nn.Linear(net.classifier[0].in_features, 4)).double()
+    out, calls = linear_calls(lambda: net(x, arch))
+    assert calls == 0 and out.shape == (6, 4)

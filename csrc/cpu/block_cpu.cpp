@@ -487,6 +487,27 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
   return dw;
 }
 
+// out [M, N] = a [M, K] b [K, N] (dense, row-major) over a grid of tasks: row blocks of
+// kProductRows and column blocks of kGridColumns, in column-major order, so that two threads
+// split the columns where M is too small to split (the classifier's input gradient: M = the
+// batch, N = its 1,024 features). The column blocks are whole panels of every tile width
+// (gemm.h), so every element is the same sum as in one product over all columns.
+constexpr int64_t kGridColumns = 128;
+
+template <typename T>
+void product_grid(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t N) {
+  const int64_t rb = (M + kProductRows - 1) / kProductRows;
+  const int64_t cb = (N + kGridColumns - 1) / kGridColumns;
+  at::parallel_for(0, rb * cb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t r0 = t % rb * kProductRows, n0 = t / rb * kGridColumns;
+      k_gemm(a + r0 * K, K, 1, b + n0, N, out + r0 * N + n0, N,
+             std::min(kProductRows, M - r0), K, std::min(kGridColumns, N - n0), false,
+             gemm::Store{});
+    }
+  });
+}
+
 // The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp, at
 // pixel stride ldg; 0: O) and xhat (xp; or the raw output through the map y_shift, rstd when
 // y_shift is given). `sums`: the training-mode sums already taken (dw_layer_backward's
@@ -581,6 +602,73 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
     dw = pw_weight_grad<T>(dz, strided_pixel_rows(x));  // [O, C]
   });
   return {dx.view({R, H, W, C}).permute({0, 3, 1, 2}), dw.view({O, C, 1, 1})};
+}
+
+// ---------------------------------------------------------------------------------------------
+// linear: the network's classifier, y [B, O] = x [B, C] w^T (w [O, C], no bias), and its
+// gradients, on the products above (PyTorch runs it in MKL's sgemm, at about half their rate
+// on this project's machine for the SPOS head: README, "Performance"). The forward computes
+// y^T = w x^T, so the large operand, w, is read in place as the broadcast one and only x (B x
+// C) is packed; y^T [O, B] is transposed back. Values depend on the shapes only.
+
+template <typename T>
+at::Tensor transposed(const at::Tensor& src) {  // dense [cols, rows] from dense [rows, cols]
+  const int64_t rows = src.size(0), cols = src.size(1);
+  at::Tensor dst = at::empty({cols, rows}, src.options());
+  const T* sp = src.const_data_ptr<T>();
+  T* dp = dst.data_ptr<T>();
+  // tasks of whole 8-row blocks (a multiple of the transpose's block height in either dtype),
+  // threads from 2^14 elements, as the 1x1 weight packing
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (8 * std::max<int64_t>(cols, 1)));
+  at::parallel_for(0, (rows + 7) / 8, grain, [&](int64_t b0, int64_t b1) {
+    k_transpose(sp, rows, cols, dp, b0 * 8, std::min(rows, b1 * 8));
+  });
+  return dst;
+}
+
+at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
+  check_linear(x_in, weight_in);
+  const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
+  const int64_t B = x.size(0), C = x.size(1), O = w.size(0);
+  at::Tensor y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_cpu", [&] {
+    using T = scalar_t;
+    // x^T's columns padded with zero columns to whole 64-byte vectors: a column past the last
+    // whole vector would take the products' single-column tiles (at B = 37, 5 such columns
+    // made the product 1.6x slower than at B = 64)
+    constexpr int64_t lanes = 64 / sizeof(T);
+    const int64_t Bp = (B + lanes - 1) / lanes * lanes;
+    at::Tensor xp = x;
+    if (Bp != B) {
+      xp = at::zeros({Bp, C}, x.options());
+      xp.narrow(0, 0, B).copy_(x);
+    }
+    const at::Tensor xt = transposed<T>(xp);  // [C, Bp]
+    at::Tensor yt = at::empty({O, Bp}, x.options());
+    product_grid<T>(w.const_data_ptr<T>(), xt.const_data_ptr<T>(), yt.data_ptr<T>(), O, C, Bp);
+    y = transposed<T>(yt).narrow(0, 0, B);
+  });
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& grad_in,
+                                                       const at::Tensor& x_in,
+                                                       const at::Tensor& weight_in) {
+  check_linear(x_in, weight_in);
+  const int64_t B = x_in.size(0), C = x_in.size(1), O = weight_in.size(0);
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({B, O}), "linear_backward: grad_y must be [",
+              B, ", ", O, "], got ", grad_in.sizes());
+  TORCH_CHECK(grad_in.scalar_type() == x_in.scalar_type(),
+              "linear_backward: grad_y must have x's dtype ", x_in.scalar_type(), ", got ",
+              grad_in.scalar_type());
+  const at::Tensor dy = grad_in.contiguous(), x = x_in.contiguous(), w = weight_in.contiguous();
+  at::Tensor dx = at::empty({B, C}, x.options()), dw;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_backward_cpu", [&] {
+    using T = scalar_t;
+    product_grid<T>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), B, O, C);
+    dw = pw_weight_grad<T>(dy, x);  // dy^T x
+  });
+  return {dx, dw};
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -873,6 +961,8 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
   m.impl("dwconv_bn_backward", &dwconv_bn_backward_cpu);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_cpu);
   m.impl("pwconv_bn_relu_backward", &pwconv_bn_relu_backward_cpu);
+  m.impl("linear", &linear_cpu);
+  m.impl("linear_backward", &linear_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {

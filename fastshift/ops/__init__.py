@@ -32,7 +32,7 @@ from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
-           "reference",
+           "linear", "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
            "cuda_auto_backend",
            "AUTO_CUDA_MIN_ROWS", "AUTO_CUDA_MIN_NETWORK_ROWS",
@@ -183,6 +183,21 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
     if resolve_backend(backend, a.device) == "reference":
         return reference.shuffle_cat(a, b)
     return torch.ops.fastshift.shuffle_cat.default(a, b)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """The classifier ``x [B, C] @ weight.T`` (``weight [O, C]``, no bias) -> ``[B, O]``.
+
+    On the ``cpu`` backend (float32 / float64 CPU tensors) the op ``fastshift::linear`` runs it
+    on fastshift's own products (about twice MKL's rate for the SPOS head's shapes on the
+    project's machine; differentiable, the backward is ``fastshift::linear_backward``); every
+    other backend, device or dtype runs ``torch.nn.functional.linear`` (cuBLAS on CUDA).
+    Equivalent to ``reference.linear`` up to the rounding of a different summation blocking.
+    """
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64)
+            and resolve_backend(backend, x.device) == "cpu"):
+        return torch.ops.fastshift.linear.default(x, weight)
+    return reference.linear(x, weight)
 
 
 def _stats_args(x, channels, groups, running_mean, running_var, training, op):

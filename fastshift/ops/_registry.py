@@ -100,6 +100,18 @@ if HAVE_C:
                 torch.empty((n, c - split, h, w), dtype=grad.dtype, device=grad.device,
                             memory_format=fmt))
 
+    @torch.library.register_fake("fastshift::linear")
+    def _linear_fake(x, weight):
+        torch._check(x.dim() == 2 and weight.dim() == 2,
+                     lambda: "linear: x and weight must be 2-D")
+        torch._check(x.shape[1] == weight.shape[1],
+                     lambda: "linear: weight must have x's feature count")
+        return x.new_empty((x.shape[0], weight.shape[0]))
+
+    @torch.library.register_fake("fastshift::linear_backward")
+    def _linear_backward_fake(grad_y, x, weight):
+        return x.new_empty(tuple(x.shape)), weight.new_empty(tuple(weight.shape))
+
     def _channels_last_empty(like, shape):
         return torch.empty(shape, dtype=like.dtype, device=like.device,
                            memory_format=torch.channels_last)

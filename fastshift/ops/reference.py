@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["channel_split", "channel_interleave", "shuffle_cat", "grouped_batch_norm", "dwconv_bn",
-           "pwconv_bn_relu", "update_running_stats"]
+           "pwconv_bn_relu", "linear", "update_running_stats"]
 
 
 def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,6 +51,12 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         raise ValueError("shuffle_cat: the channel count of cat(a, b) must be even, got "
                          f"{a.shape[1] + b.shape[1]}")
     return torch.cat(channel_split(torch.cat((a, b), 1)), 1)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The network's classifier: ``x [B, C]``, ``weight [O, C]`` -> ``x @ weight.T [B, O]``
+    (``nn.Linear`` without bias)."""
+    return F.linear(x, weight)
 
 
 def unbiased_factor(count: int) -> float:
