@@ -14,7 +14,8 @@ from . import __version__, ops
 # op -> the backends with a body for it (the backward of each is a registered op too)
 FUSED_OPS = {"dwconv_bn": ["cpu", "cuda", "triton"], "pwconv_bn_relu": ["cpu", "cuda", "triton"],
              "channel_split": ["cpu", "cuda"], "channel_interleave": ["cpu", "cuda"],
-             "shuffle_cat": ["cpu", "cuda"], "conv_bn_chain": ["cpu", "cuda", "triton"]}
+             "shuffle_cat": ["cpu", "cuda"], "conv_bn_chain": ["cpu", "cuda", "triton"],
+             "linear": ["cpu"]}  # (on CUDA ops.linear runs cuBLAS's matmul)
 
 
 def collect() -> dict:
