@@ -9,6 +9,9 @@ at those layers:
   shuffle_cat      a stride-1 unit's concat fused with the next unit's channel split
                    (reference: torch.cat, then the even/odd split, then the concat of the halves)
   block            the whole mixed-choice block of each choice (Shuffle3/5/7, Xception)
+and once, at the network's head:
+  linear           the classifier (last_channels -> classes, no bias) on the pooled features
+                   (input [batch, C, 1, 1], flattened inside the timed call)
 Each entry is timed in training mode (batch statistics, running statistics updated), as
 forward alone ("fwd") and forward + backward ("fwd_bwd"), median of --repeats after a warm-up.
 The reference gets its natural input (contiguous NCHW); compiled backends get channels-last
@@ -81,6 +84,7 @@ def workloads(space, batch):
         if key not in pw_seen:
             pw_seen.add(key)
             out.append(_pw_entry(c_in, mid, h_in, batch))
+    out.append(_linear_entry(space.last_channels, space.num_classes, batch))
     return out
 
 
@@ -123,6 +127,19 @@ def _shuffle_entry(c_a, c_b, h, batch):
         return fn, []
     return dict(kind="shuffle_cat", name=f"shuffle_cat {c_a}+{c_b} {h}x{h}", make=make,
                 in_shape=(c_a + c_b, h), macs=0, elems=2 * batch * (c_a + c_b) * h * h)
+
+
+def _linear_entry(c, classes, batch):
+    def make(dtype, device, rows):
+        w = torch.randn(classes, c, dtype=dtype, device=device) / c ** 0.5
+        w.requires_grad_()
+
+        def fn(backend, x):
+            return ops.linear(x.flatten(1), w, backend=backend)
+
+        return fn, [w]
+    return dict(kind="linear", name=f"linear {c}->{classes}", make=make, in_shape=(c, 1),
+                macs=batch * c * classes, elems=batch * (c + classes) + c * classes)
 
 
 def _block_entry(space, layer, choice, batch):
@@ -235,7 +252,7 @@ def main(argv=None):
     parser.add_argument("--backends", nargs="+", default=None,
                         help="default: every backend usable on the device")
     parser.add_argument("--kinds", nargs="+",
-                        default=["dwconv_bn", "pwconv_bn_relu", "shuffle_cat", "block"])
+                        default=["dwconv_bn", "pwconv_bn_relu", "shuffle_cat", "block", "linear"])
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
