@@ -337,16 +337,32 @@ std::tuple<at::Tensor, at::Tensor> dwconv_bn_backward_cpu(
 // rows are in cache (pw_forward_mapped).
 
 // The three products of a 1x1 layer with weight w [O, C] over M pixel rows, threads splitting
-// the output rows (no reductions across threads: the values do not depend on the thread
-// count). Operands dense and row-major.
+// the output (no reductions across threads: the values do not depend on the thread count).
+// Operands dense and row-major.
 constexpr int64_t kProductRows = 8 * gemm::kTileRows;  // output rows per task
 
-// out [M, N] = a [M, K] b [K, N]
+// out [M, N] = a [M, K] b [K, N] over a grid of tasks: row blocks of kProductRows and column
+// blocks of `columns` (N: whole rows, as the 1x1 layers' input gradient takes them), in
+// column-major order, so that two threads split the columns where M is too small to split
+// (the classifier's input gradient, `linear`: M = the batch, N = its 1,024 features, with
+// kGridColumns). A thread's consecutive row blocks of one column block are one product call.
+// A column block that is a multiple of 64 bytes' worth of T is whole panels of every tile
+// width (gemm.h), so every element is the same sum as in one product over all columns.
+constexpr int64_t kGridColumns = 128;
+
 template <typename T>
-void product_rows(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t N) {
-  at::parallel_for(0, (M + kProductRows - 1) / kProductRows, 1, [&](int64_t b0, int64_t e0) {
-    const int64_t r0 = b0 * kProductRows, r1 = std::min(M, e0 * kProductRows);
-    k_gemm(a + r0 * K, K, 1, b, N, out + r0 * N, N, r1 - r0, K, N, false, gemm::Store{});
+void product_grid(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t N,
+                  int64_t columns) {
+  const int64_t rb = (M + kProductRows - 1) / kProductRows;
+  const int64_t cb = columns > 0 ? (N + columns - 1) / columns : 0;
+  at::parallel_for(0, rb * cb, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1;) {
+      const int64_t i0 = t % rb, i1 = std::min(rb, i0 + (t1 - t)), n0 = t / rb * columns;
+      const int64_t r0 = i0 * kProductRows, r1 = std::min(M, i1 * kProductRows);
+      k_gemm(a + r0 * K, K, 1, b + n0, N, out + r0 * N + n0, N, r1 - r0, K,
+             std::min(columns, N - n0), false, gemm::Store{});
+      t += i1 - i0;
+    }
   });
 }
 
@@ -359,6 +375,24 @@ inline RowChunks product_chunks(int64_t R, int64_t groups, int64_t pixels) {
   return {groups, n, std::max<int64_t>(per, 1)};
 }
 
+// dense [cols, rows] = src [rows, cols]^T (src dense 2-D, or [O, C, 1, 1]): tasks of whole
+// 8-row blocks (a multiple of the transpose's block height in either dtype), threads only from
+// 2^14 elements: smaller ones take a few microseconds, about what handing half to the other
+// thread costs; a single-threaded pack of the 1x1 weights above that left the other thread
+// idle (1.4 % slower eval forwards).
+template <typename T>
+at::Tensor transposed(const at::Tensor& src) {
+  const int64_t rows = src.size(0), cols = src.size(1);
+  at::Tensor dst = at::empty({cols, rows}, src.options());
+  const T* sp = src.const_data_ptr<T>();
+  T* dp = dst.data_ptr<T>();
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (8 * std::max<int64_t>(cols, 1)));
+  at::parallel_for(0, (rows + 7) / 8, grain, [&](int64_t b0, int64_t b1) {
+    k_transpose(sp, rows, cols, dp, b0 * 8, std::min(rows, b1 * 8));
+  });
+  return dst;
+}
+
 // The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
 // the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
 // epilogue(i) (gemm.h: Store, Moments), then after(i, rows, count) (when given) called on
@@ -369,20 +403,14 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
                       int64_t pixels, const F& epilogue, const A& after = nullptr) {
   const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
   const int64_t ld = pixel_stride(x2d);
-  const at::Tensor w = weight.contiguous();
-  const T* wp = w.const_data_ptr<T>();
-  const std::unique_ptr<T[]> wt = scratch<T>(C * O);  // w^T [C, O]
-  // (threads only for weights of 2^14 elements and more: smaller ones take a few microseconds,
-  // about what handing half to the other thread costs; a single-threaded pack of the larger
-  // ones left the other thread idle: 1.4 % slower eval forwards)
-  at::parallel_for(0, O, std::max<int64_t>(16, (int64_t(1) << 14) / std::max<int64_t>(C, 1)),
-                   [&](int64_t o0, int64_t o1) { k_transpose(wp, O, C, wt.get(), o0, o1); });
+  const at::Tensor packed = transposed<T>(weight.contiguous());  // w^T [C, O]
+  const T* wt = packed.const_data_ptr<T>();
   at::Tensor z = at::empty({M, O}, x2d.options());
   const T* xp = x2d.const_data_ptr<T>();
   T* zp = z.data_ptr<T>();
   for_chunks(ch, [&](int64_t i) {
     const int64_t r0 = ch.begin(i) * pixels, r1 = ch.end(i) * pixels;
-    k_gemm(xp + r0 * ld, ld, 1, wt.get(), O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
+    k_gemm(xp + r0 * ld, ld, 1, wt, O, zp + r0 * O, O, r1 - r0, C, O, false, epilogue(i));
     if constexpr (!std::is_same_v<A, std::nullptr_t>) after(i, zp + r0 * O, r1 - r0);
   });
   return z;
@@ -436,7 +464,7 @@ at::Tensor pw_input_grad(const at::Tensor& dz, const at::Tensor& weight) {
   const int64_t M = dz.size(0), O = dz.size(1), C = weight.size(1);
   const at::Tensor d = dz.contiguous(), w = weight.contiguous();
   at::Tensor dx = at::empty({M, C}, dz.options());
-  product_rows<T>(d.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), M, O, C);
+  product_grid<T>(d.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), M, O, C, C);
   return dx;
 }
 
@@ -485,27 +513,6 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
     });
   }
   return dw;
-}
-
-// out [M, N] = a [M, K] b [K, N] (dense, row-major) over a grid of tasks: row blocks of
-// kProductRows and column blocks of kGridColumns, in column-major order, so that two threads
-// split the columns where M is too small to split (the classifier's input gradient: M = the
-// batch, N = its 1,024 features). The column blocks are whole panels of every tile width
-// (gemm.h), so every element is the same sum as in one product over all columns.
-constexpr int64_t kGridColumns = 128;
-
-template <typename T>
-void product_grid(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t N) {
-  const int64_t rb = (M + kProductRows - 1) / kProductRows;
-  const int64_t cb = (N + kGridColumns - 1) / kGridColumns;
-  at::parallel_for(0, rb * cb, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t r0 = t % rb * kProductRows, n0 = t / rb * kGridColumns;
-      k_gemm(a + r0 * K, K, 1, b + n0, N, out + r0 * N + n0, N,
-             std::min(kProductRows, M - r0), K, std::min(kGridColumns, N - n0), false,
-             gemm::Store{});
-    }
-  });
 }
 
 // The BN (+ ReLU) backward of a 1x1 layer's output: dz [R * pixels, O] from dL/dy (gp, at
@@ -611,21 +618,6 @@ std::tuple<at::Tensor, at::Tensor> pwconv_bn_relu_backward_cpu(
 // y^T = w x^T, so the large operand, w, is read in place as the broadcast one and only x (B x
 // C) is packed; y^T [O, B] is transposed back. Values depend on the shapes only.
 
-template <typename T>
-at::Tensor transposed(const at::Tensor& src) {  // dense [cols, rows] from dense [rows, cols]
-  const int64_t rows = src.size(0), cols = src.size(1);
-  at::Tensor dst = at::empty({cols, rows}, src.options());
-  const T* sp = src.const_data_ptr<T>();
-  T* dp = dst.data_ptr<T>();
-  // tasks of whole 8-row blocks (a multiple of the transpose's block height in either dtype),
-  // threads from 2^14 elements, as the 1x1 weight packing
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / (8 * std::max<int64_t>(cols, 1)));
-  at::parallel_for(0, (rows + 7) / 8, grain, [&](int64_t b0, int64_t b1) {
-    k_transpose(sp, rows, cols, dp, b0 * 8, std::min(rows, b1 * 8));
-  });
-  return dst;
-}
-
 at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
   check_linear(x_in, weight_in);
   const at::Tensor x = x_in.contiguous(), w = weight_in.contiguous();
@@ -645,7 +637,8 @@ at::Tensor linear_cpu(const at::Tensor& x_in, const at::Tensor& weight_in) {
     }
     const at::Tensor xt = transposed<T>(xp);  // [C, Bp]
     at::Tensor yt = at::empty({O, Bp}, x.options());
-    product_grid<T>(w.const_data_ptr<T>(), xt.const_data_ptr<T>(), yt.data_ptr<T>(), O, C, Bp);
+    product_grid<T>(w.const_data_ptr<T>(), xt.const_data_ptr<T>(), yt.data_ptr<T>(), O, C, Bp,
+                    kGridColumns);
     y = transposed<T>(yt).narrow(0, 0, B);
   });
   return y;
@@ -665,7 +658,8 @@ std::tuple<at::Tensor, at::Tensor> linear_backward_cpu(const at::Tensor& grad_in
   at::Tensor dx = at::empty({B, C}, x.options()), dw;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "linear_backward_cpu", [&] {
     using T = scalar_t;
-    product_grid<T>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), B, O, C);
+    product_grid<T>(dy.const_data_ptr<T>(), w.const_data_ptr<T>(), dx.data_ptr<T>(), B, O, C,
+                    kGridColumns);
     dw = pw_weight_grad<T>(dy, x);  // dy^T x
   });
   return {dx, dw};
