@@ -163,6 +163,57 @@ def test_dwconv_bn_stride2_every_small_map(backend, device, k):
 
 
 @needs_c
+@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not _interpreted(*p)])
+@pytest.mark.parametrize("k", [3, 5, 7])
+def test_dwconv_bn_stride1_every_small_map(backend, device, k):
+    """Stride 1 on every map size from 1x1 to 6x6: on the small maps where most taps fall on
+    the zero border (4x4 with 5x5 or 7x7 kernels, 2x2, 3x3) the CPU body's forward and input
+    gradient take only the taps inside the image, elsewhere the zero-bordered copy."""
+    torch.manual_seed(k)
+    for h in range(1, 7):
+        for w in range(1, 7):
+            x = _input((2, 9, h, w), torch.float64, device, "channels_last")
+            weight = torch.randn(9, 1, k, k, dtype=torch.float64, device=device)
+            for training in (True, False):
+                _check_against_reference(ops.dwconv_bn, backend, x, weight, (1,), 1,
+                                         torch.float64, device, training)
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("k,stride", [(7, 1), (5, 1), (3, 1), (7, 2), (5, 2)])
+def test_cpu_dwconv_small_map_equals_its_zero_bordered_form(dtype, k, stride):
+    """The CPU body's small-map form (only the taps inside the image) against the padded form
+    on the same image set in a zero border wide enough for the padded form to run: the
+    outputs over the image (eval: fixed statistics) and, at stride 1, the input gradient for
+    an output gradient that is zero outside them, are equal bit for bit (the skipped taps
+    multiply zeros into the same sums in the same order)."""
+    torch.manual_seed(k * 10 + stride)
+    b, c, n = 3, 37, 4  # a 4x4 map: 37 channels meet every channel block of the kernels
+    pad = 2 * (k // 2) * stride  # wide border, even for the stride's phase
+    x = torch.randn(b, c, n, n, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    big = torch.zeros(b, c, n + 2 * pad, n + 2 * pad, dtype=dtype)
+    big[:, :, pad:pad + n, pad:pad + n] = x
+    big = big.contiguous(memory_format=torch.channels_last)
+    weight = torch.randn(c, 1, k, k, dtype=dtype)
+    mean, var = torch.randn(c, dtype=dtype), torch.rand(c, dtype=dtype) + 0.5
+    x.requires_grad_(True)
+    big.requires_grad_(True)
+    y = ops.dwconv_bn(x, weight, stride, mean, var, training=False, backend="cpu")
+    y_big = ops.dwconv_bn(big, weight, stride, mean, var, training=False, backend="cpu")
+    o = pad // stride
+    inner = y_big[:, :, o:o + y.shape[2], o:o + y.shape[3]]
+    assert torch.equal(y, inner)
+    if stride == 1:
+        g = torch.randn_like(y)
+        g_big = torch.zeros_like(y_big)
+        g_big[:, :, o:o + y.shape[2], o:o + y.shape[3]] = g
+        (gx,) = torch.autograd.grad(y, x, g)
+        (gx_big,) = torch.autograd.grad(y_big, big, g_big)
+        assert torch.equal(gx, gx_big[:, :, pad:pad + n, pad:pad + n])
+
+
+@needs_c
 @pytest.mark.parametrize("backend,device,dtype,shape", list(_cases(PW_SHAPES)))
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "noncontiguous",

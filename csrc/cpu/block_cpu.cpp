@@ -35,19 +35,26 @@ namespace {
 
 // For every group g and channel c of per-chunk double sums s1, s2 ([chunks, C]): the group's
 // chunks added in order, divided by `count` (0 for an empty group), handed to
-// f(g * C + c, mean of s1, mean of s2).
+// f(g * C + c, mean of s1, mean of s2). The chunks are the outer loop, so each step reads
+// one contiguous [C] row (vectorised) instead of a column at stride C; every channel's terms
+// are still added in chunk order, the same sums bit for bit.
 template <typename F>
 void group_means(const RowChunks& ch, int64_t C, const std::vector<double>& s1,
                  const std::vector<double>& s2, double count, const F& f) {
+  std::vector<double> s(C), q(C);
   for (int64_t g = 0; g < ch.groups; ++g) {
-    for (int64_t c = 0; c < C; ++c) {
-      double s = 0, q = 0;
-      for (int64_t j = 0; j < ch.per_group; ++j) {
-        s += s1[(g * ch.per_group + j) * C + c];
-        q += s2[(g * ch.per_group + j) * C + c];
+    std::fill(s.begin(), s.end(), 0.0);
+    std::fill(q.begin(), q.end(), 0.0);
+    for (int64_t j = 0; j < ch.per_group; ++j) {
+      const double* r1 = s1.data() + (g * ch.per_group + j) * C;
+      const double* r2 = s2.data() + (g * ch.per_group + j) * C;
+      for (int64_t c = 0; c < C; ++c) {
+        s[c] += r1[c];
+        q[c] += r2[c];
       }
-      f(g * C + c, count > 0 ? s / count : 0.0, count > 0 ? q / count : 0.0);
     }
+    for (int64_t c = 0; c < C; ++c)
+      f(g * C + c, count > 0 ? s[c] / count : 0.0, count > 0 ? q[c] / count : 0.0);
   }
 }
 
