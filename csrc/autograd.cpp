@@ -288,9 +288,30 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
   return {out[0], std::vector<at::Tensor>(out.begin() + 3, out.end()), out[1], out[2]};
 }
 
+// conv_bn_chain_eval keeps nothing for a backward: with gradients wanted it refuses by name
+// (fastshift.ops.conv_bn_chain calls it only without autograd), else it runs below autograd.
+at::Tensor conv_bn_chain_eval_autograd(const at::Tensor& x, at::TensorList weights,
+                                       at::IntArrayRef layers, const at::Tensor& mean,
+                                       const at::Tensor& var, int64_t groups, double eps) {
+  if (at::GradMode::is_enabled()) {
+    bool wants = x.requires_grad();
+    for (const at::Tensor& w : weights) wants = wants || w.requires_grad();
+    TORCH_CHECK(!wants, "conv_bn_chain_eval is not differentiable (it keeps no saved "
+                "tensors): use conv_bn_chain, or run it under torch.no_grad()");
+  }
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastshift::conv_bn_chain_eval", "")
+                             .typed<at::Tensor(const at::Tensor&, at::TensorList, at::IntArrayRef,
+                                               const at::Tensor&, const at::Tensor&, int64_t,
+                                               double)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, weights, layers, mean, var, groups, eps);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastshift, Autograd, m) {
+  m.impl("conv_bn_chain_eval", &conv_bn_chain_eval_autograd);
   m.impl("channel_split", &channel_split_autograd);
   m.impl("channel_interleave", &channel_interleave_autograd);
   m.impl("shuffle_cat", &shuffle_cat_autograd);

@@ -80,6 +80,12 @@ TORCH_LIBRARY(fastshift, m) {
   m.def("conv_bn_chain(Tensor x, Tensor[] weights, int[] layers, Tensor mean, Tensor var, "
         "int groups, float eps, bool training) -> (Tensor y, Tensor[] saved, Tensor mean, "
         "Tensor var)");
+  // conv_bn_chain's y in eval (mean / var: the running statistics), for callers that keep
+  // no autograd graph (fastshift.ops.conv_bn_chain under no_grad / inference_mode): nothing
+  // else is returned, so the CPU body (csrc/cpu/block_cpu.cpp, the only one) runs the layers
+  // chunk by chunk of images with the intermediate outputs in cache. Not differentiable.
+  m.def("conv_bn_chain_eval(Tensor x, Tensor[] weights, int[] layers, Tensor mean, Tensor var, "
+        "int groups, float eps) -> Tensor");
   // Gradients of conv_bn_chain's y with respect to x and every weight (the layer ops'
   // backwards in reverse order), from the forward's y, saved and var.
   m.def("conv_bn_chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "

@@ -595,6 +595,72 @@ def test_conv_bn_chain_matches_reference(backend, device, dtype, case, training,
         _assert_close(grads[i + 1], grads_ref[i + 1], dtype, f"grad weight {i}")
 
 
+# conv_bn_chain_eval: CHAINS and batches that make chunks of several images (every chunk
+# shape of product_chunks: 1-2 images of 16x16, a dozen of 2x2, groups)
+EVAL_CHAINS = CHAINS + [((0, 1, 0), 70, 16, 16, 16, 1), ((0, 1, 0), 50, 20, 2, 2, 1),
+                        ((1, 0, 1, 0, 1, 0), 40, 12, 4, 4, 2), ((2, 0), 9, 8, 5, 5, 3)]
+
+
+@needs_c
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", EVAL_CHAINS,
+                         ids=lambda c: f"{''.join(map(str, c[0]))}-{c[1]}-{c[3]}")
+@pytest.mark.parametrize("layout", ["channels_last", "noncontiguous", "channel_range"])
+def test_cpu_eval_chain_without_autograd_equals_the_chain(dtype, case, layout):
+    """In eval under no_grad or inference_mode, ops.conv_bn_chain on the cpu backend runs
+    conv_bn_chain_eval (the layers chunk by chunk of images, intermediates in cache): the same
+    output bit for bit as the chain that keeps its saved tensors, channels-last, and the
+    running statistics left as they were."""
+    layers, rows, c, h, w, groups = case
+    torch.manual_seed(1)
+    x = _input((rows, c, h, w), dtype, "cpu", layout)
+    weights = _chain_weights(layers, c, dtype, "cpu")
+    means = [torch.randn(groups, wt.shape[0], dtype=dtype) for wt in weights]
+    vars_ = [torch.rand(groups, wt.shape[0], dtype=dtype) + 0.5 for wt in weights]
+    before = [t.clone() for t in means + vars_]
+
+    def run():
+        return ops.conv_bn_chain(x, weights, layers, means, vars_, groups=groups, training=False,
+                                 momentums=[0.1] * len(layers), backend="cpu")
+
+    want = run()  # grad mode on: conv_bn_chain, with its saved tensors
+    with torch.no_grad():
+        got = run()
+    with torch.inference_mode():
+        got_inference = run()
+    for y in (got, got_inference):
+        assert torch.equal(y, want)
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    assert all(torch.equal(a, b) for a, b in zip(before, means + vars_))
+
+
+@needs_c
+def test_cpu_eval_chain_opcheck_and_errors():
+    """conv_bn_chain_eval passes opcheck, and with gradients wanted refuses by name instead of
+    returning an output without a graph."""
+    torch.manual_seed(0)
+    layers = [1, 0, 2, 0]
+    weights = _chain_weights(layers, 4, torch.float64, "cpu")
+    x = torch.randn(4, 4, 5, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    total = sum(wt.shape[0] for wt in weights)
+    mean = torch.randn(2, total, dtype=torch.float64)
+    var = torch.rand(2, total, dtype=torch.float64) + 0.5
+    op = torch.ops.fastshift.conv_bn_chain_eval.default
+    torch.library.opcheck(op, (x, weights, layers, mean, var, 2, 1e-5))
+    want = torch.ops.fastshift.conv_bn_chain.default(x, weights, layers, mean, var, 2, 1e-5,
+                                                     False)[0]
+    assert torch.equal(op(x, weights, layers, mean, var, 2, 1e-5), want)
+    wanting = [wt.clone().requires_grad_(True) for wt in weights]
+    with pytest.raises(RuntimeError, match="conv_bn_chain_eval is not differentiable"):
+        op(x, wanting, layers, mean, var, 2, 1e-5)
+    with torch.no_grad():
+        assert torch.equal(op(x, wanting, layers, mean, var, 2, 1e-5), want)
+    with pytest.raises(RuntimeError, match="conv_bn_chain_eval: one weight per layer"):
+        op(x, weights[:2], layers, mean, var, 2, 1e-5)
+    with pytest.raises(RuntimeError, match=r"mean must be \[groups, sum of the layers. channels\]"):
+        op(x, weights, layers, mean[:, 1:], var, 2, 1e-5)
+
+
 @needs_c
 @pytest.mark.parametrize("layers", [(0, 2, 0), (0, 1, 0), (1, 0, 1, 0)])
 @pytest.mark.parametrize("training", [True, False])

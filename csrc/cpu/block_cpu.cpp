@@ -855,6 +855,135 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
   return {y, saved, mean, var};
 }
 
+// conv_bn_chain in eval without autograd (conv_bn_chain_eval): y alone, the layers run image
+// chunk by image chunk. Each task takes a chunk of images (product_chunks of the input)
+// through every layer in turn, its intermediate outputs in two scratch buffers of the thread
+// (a few images' worth: in L2) where conv_bn_chain_cpu writes each layer's output for the
+// whole batch to memory and reads it back in the next layer. The same kernels on the same
+// rows in the same order (a 1x1 layer's raw product normalised lazily by its reader, the
+// last one's BN + ReLU per chunk; the depthwise layers per image), so y equals
+// conv_bn_chain_cpu's bit for bit.
+at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights,
+                                  at::IntArrayRef layers, const at::Tensor& mean_in,
+                                  const at::Tensor& var_in, int64_t groups, double eps) {
+  const char* op = "conv_bn_chain_eval";
+  const std::vector<int64_t> channels = check_chain(op, layers, weights, mean_in, var_in, groups);
+  check_float_dtype(op, x_in);
+  TORCH_CHECK(x_in.dim() == 4, op, ": x must be 4-D [R, C, H, W], got ", x_in.dim(), "-D");
+  const size_t n = layers.size();
+  int64_t x_ps = 0;
+  const at::Tensor x = in_place_rows(x_in, x_ps);
+  const int64_t total = mean_in.size(1);
+  check_stats(op, "mean", mean_in, groups, total, x);
+  check_stats(op, "var", var_in, groups, total, x);
+  // the layers' geometry, checked as the layer ops check their inputs (on a zero-stride view
+  // of x with the layer input's sizes)
+  const int64_t R = x.size(0);
+  std::vector<int64_t> H(n + 1), W(n + 1), Cin(n + 1);
+  H[0] = x.size(2);
+  W[0] = x.size(3);
+  Cin[0] = x.size(1);
+  for (size_t i = 0; i < n; ++i) {
+    const at::Tensor shape = x.as_strided({R, Cin[i], H[i], W[i]}, {0, 0, 0, 0});
+    if (layers[i] == 0) {
+      check_pwconv_input(shape, weights[i], groups);
+      H[i + 1] = H[i];
+      W[i + 1] = W[i];
+    } else {
+      check_dwconv_input(shape, weights[i], layers[i], groups);
+      const int64_t K = weights[i].size(2);
+      H[i + 1] = conv_out_size(H[i], K, layers[i]);
+      W[i + 1] = conv_out_size(W[i], K, layers[i]);
+    }
+    Cin[i + 1] = channels[i];
+  }
+  at::Tensor y = empty_rows_last(R, Cin[n], H[n], W[n], x);
+  if (R == 0) return y;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_eval_cpu", [&] {
+    using T = scalar_t;
+    const at::Tensor mean_c = mean_in.to(x.scalar_type()).contiguous();
+    const at::Tensor var_c = var_in.to(x.scalar_type()).contiguous();
+    StatsStore<T> store;
+    std::vector<const T*> shift(n), scale(n);
+    std::vector<at::Tensor> packs(n);  // w^T [C, O] of a 1x1 layer; taps [K*K, C] of a depthwise
+    std::vector<DwShape> shapes(n);
+    int64_t off = 0, buffer = 0, pad = 1;
+    const RowChunks ch = product_chunks(R, groups, H[0] * W[0]);
+    const int64_t per_chunk = (ch.rows_per_group + ch.per_group - 1) / ch.per_group;
+    for (size_t i = 0; i < n; ++i) {
+      const int64_t Ci = channels[i];
+      T* m = store.make(groups * Ci);
+      T* r = store.make(groups * Ci);
+      take_columns(mean_c.const_data_ptr<T>(), total, off, groups, Ci, m);
+      take_columns(var_c.const_data_ptr<T>(), total, off, groups, Ci, r);
+      rstd_into<T>(r, groups * Ci, eps, r);
+      shift[i] = m;
+      scale[i] = r;
+      off += Ci;
+      if (layers[i] == 0) {
+        packs[i] = transposed<T>(weights[i].contiguous());
+      } else {
+        const int64_t K = weights[i].size(2);
+        packs[i] = at::empty({K * K, Ci}, x.options());
+        forward_taps(weights[i].contiguous().const_data_ptr<T>(), Ci, K, packs[i].data_ptr<T>());
+        shapes[i] = {H[i], W[i], Cin[i], K, layers[i], H[i + 1], W[i + 1]};
+        if (i == 0) shapes[i].XS = x_ps;
+        pad = std::max(pad, padded_h(shapes[i]) * padded_w(shapes[i]) * Cin[i]);
+      }
+      // layer i's output lives in a scratch buffer unless it is the last layer's
+      if (i + 1 < n) buffer = std::max(buffer, per_chunk * H[i + 1] * W[i + 1] * Ci);
+      // a 1x1 layer reading a mapped input (another 1x1 layer's raw output) maps it first
+      if (layers[i] == 0 && i > 0 && layers[i - 1] == 0)
+        buffer = std::max(buffer, per_chunk * H[i] * W[i] * Cin[i]);
+    }
+    const T* xp = x.const_data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    at::parallel_for(0, ch.count(), 1, [&](int64_t b0, int64_t b1) {
+      const std::unique_ptr<T[]> scratch_all = scratch<T>(3 * buffer + pad);
+      T* bufs[3] = {scratch_all.get(), scratch_all.get() + buffer,
+                    scratch_all.get() + 2 * buffer};
+      T* padp = scratch_all.get() + 3 * buffer;
+      for (int64_t c = b0; c < b1; ++c) {
+        const int64_t g = ch.group(c), r0 = ch.begin(c), images = ch.end(c) - r0;
+        const T* cur = xp + r0 * H[0] * W[0] * x_ps;  // this chunk's input rows
+        int64_t cur_ps = x_ps;
+        InputMap<T> map;  // the pending BN + ReLU of the previous 1x1 layer's raw output
+        int next = 0;
+        for (size_t i = 0; i < n; ++i) {
+          const int64_t Ci = channels[i], pixels_in = H[i] * W[i], pixels = H[i + 1] * W[i + 1];
+          const bool last = i + 1 == n;
+          T* dst = last ? yp + r0 * pixels * Ci : bufs[next];
+          if (layers[i] == 0) {
+            if (map.shift != nullptr) {  // (not in the SPOS branches: 1x1 after 1x1)
+              T* mapped = bufs[(next + 1) % 3];
+              for (int64_t p = 0; p < images * pixels_in; ++p)
+                k_map(cur + p * cur_ps, mapped + p * Cin[i], 1, Cin[i], map);
+              cur = mapped;
+              cur_ps = Cin[i];
+            }
+            k_gemm(cur, cur_ps, 1, packs[i].const_data_ptr<T>(), Ci, dst, Ci, images * pixels,
+                   Cin[i], Ci, false, gemm::Store{});
+            map = group_map(shift[i], scale[i], true, g, Ci);
+            if (last) k_map(dst, dst, images * pixels, Ci, map);
+          } else {
+            DwShape s = shapes[i];
+            s.XS = cur_ps == Cin[i] ? 0 : cur_ps;
+            for (int64_t r = 0; r < images; ++r)
+              k_dw_forward(cur + r * pixels_in * cur_ps, packs[i].const_data_ptr<T>(),
+                           dst + r * pixels * Ci, s, shift[i] + g * Ci, scale[i] + g * Ci, padp,
+                           map);
+            map = {};
+          }
+          cur = dst;
+          cur_ps = Ci;
+          next = (next + 1) % 3;
+        }
+      }
+    });
+  });
+  return y;
+}
+
 std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
     const at::Tensor& grad_y, const at::Tensor& x_in, at::TensorList weights,
     at::IntArrayRef layers, const at::Tensor& y, at::TensorList saved, const at::Tensor& var,
@@ -957,6 +1086,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>> conv_bn_chain_backward_cpu(
 
 TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
   m.impl("conv_bn_chain", &conv_bn_chain_cpu);
+  m.impl("conv_bn_chain_eval", &conv_bn_chain_eval_cpu);
   m.impl("conv_bn_chain_backward", &conv_bn_chain_backward_cpu);
   m.impl("dwconv_bn", &dwconv_bn_cpu);
   m.impl("dwconv_bn_backward", &dwconv_bn_backward_cpu);

@@ -375,6 +375,11 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
                              "running_var")
         mean_in = torch.cat([m.view(groups, -1) for m in running_means], 1)
         var_in = torch.cat([v.view(groups, -1) for v in running_vars], 1)
+    if name == "cpu" and not training and not torch.is_grad_enabled():
+        # no graph to keep: the CPU body that runs the layers image chunk by image chunk with
+        # their intermediate outputs in cache, and returns y alone (the same values)
+        return torch.ops.fastshift.conv_bn_chain_eval.default(x, live, layers, mean_in, var_in,
+                                                              groups, eps)
     op = (torch.ops.fastshift.conv_bn_chain_triton.default if name == "triton"
           else torch.ops.fastshift.conv_bn_chain.default)
     y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)

@@ -177,6 +177,10 @@ if HAVE_C:
         return _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training,
                                    cpu_body=x.device.type == "cpu")
 
+    def _conv_bn_chain_eval_fake(x, weights, layers, mean, var, groups, eps):
+        return _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, False,
+                                   cpu_body=True)[0]
+
     def _conv_bn_chain_backward_fake(grad_y, x, weights, layers, y, saved, var, groups, eps,
                                      training):
         return _channels_last_empty(x, tuple(x.shape)), [
@@ -200,6 +204,7 @@ if HAVE_C:
                                     _pwconv_bn_relu_backward_fake)
 
     _register_block_ops("")
+    torch.library.register_fake("fastshift::conv_bn_chain_eval", _conv_bn_chain_eval_fake)
     _register_block_ops("_triton")
 
     def _register_triton_bodies():
