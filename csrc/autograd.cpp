@@ -292,9 +292,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
 // (fastshift.ops.conv_bn_chain calls it only without autograd), else it runs below autograd.
 at::Tensor conv_bn_chain_eval_autograd(const at::Tensor& x, at::TensorList weights,
                                        at::IntArrayRef layers, const at::Tensor& mean,
-                                       const at::Tensor& var, int64_t groups, double eps) {
+                                       const at::Tensor& var, int64_t groups, double eps,
+                                       const std::optional<at::Tensor>& shuffle_with) {
   if (at::GradMode::is_enabled()) {
-    bool wants = x.requires_grad();
+    bool wants = x.requires_grad() || (shuffle_with && shuffle_with->requires_grad());
     for (const at::Tensor& w : weights) wants = wants || w.requires_grad();
     TORCH_CHECK(!wants, "conv_bn_chain_eval is not differentiable (it keeps no saved "
                 "tensors): use conv_bn_chain, or run it under torch.no_grad()");
@@ -303,9 +304,9 @@ at::Tensor conv_bn_chain_eval_autograd(const at::Tensor& x, at::TensorList weigh
                              .findSchemaOrThrow("fastshift::conv_bn_chain_eval", "")
                              .typed<at::Tensor(const at::Tensor&, at::TensorList, at::IntArrayRef,
                                                const at::Tensor&, const at::Tensor&, int64_t,
-                                               double)>();
+                                               double, const std::optional<at::Tensor>&)>();
   at::AutoDispatchBelowADInplaceOrView guard;
-  return op.call(x, weights, layers, mean, var, groups, eps);
+  return op.call(x, weights, layers, mean, var, groups, eps, shuffle_with);
 }
 
 }  // namespace

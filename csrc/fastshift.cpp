@@ -84,8 +84,10 @@ TORCH_LIBRARY(fastshift, m) {
   // no autograd graph (fastshift.ops.conv_bn_chain under no_grad / inference_mode): nothing
   // else is returned, so the CPU body (csrc/cpu/block_cpu.cpp, the only one) runs the layers
   // chunk by chunk of images with the intermediate outputs in cache. Not differentiable.
+  // With shuffle_with = a ([R, Ca, H', W']), the output is shuffle_cat(a, y): the unit's
+  // split-ready output written from the chunks in cache.
   m.def("conv_bn_chain_eval(Tensor x, Tensor[] weights, int[] layers, Tensor mean, Tensor var, "
-        "int groups, float eps) -> Tensor");
+        "int groups, float eps, Tensor? shuffle_with=None) -> Tensor");
   // Gradients of conv_bn_chain's y with respect to x and every weight (the layer ops'
   // backwards in reverse order), from the forward's y, saved and var.
   m.def("conv_bn_chain_backward(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "

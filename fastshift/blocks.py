@@ -148,7 +148,7 @@ def run_head(head: nn.Sequential, x: torch.Tensor, backend: str | None,
 
 
 def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
-              backend: str | None) -> torch.Tensor:
+              backend: str | None, shuffle_with: torch.Tensor | None = None) -> torch.Tensor:
     """Apply ``seq`` with its (depthwise conv, BN) pairs as ``ops.dwconv_bn`` and its
     (1x1 conv, BN, ReLU) triples as ``ops.pwconv_bn_relu``; a ``seq`` made only of such layers
     (every branch of the SPOS blocks) runs as one ``ops.conv_bn_chain``.
@@ -157,7 +157,9 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
     statistics of the G row groups of x for that BN (updated in place in training), and
     ``done()`` to call afterwards. Any other module runs as is (a conv + BN pair of another
     shape through ``reference.grouped_batch_norm``). Same values and gradients as
-    ``run_sequential`` with the matching grouped ``batch_norm``.
+    ``run_sequential`` with the matching grouped ``batch_norm``. ``shuffle_with``: return
+    ``ops.shuffle_cat(shuffle_with, result)`` (a chain hands it to ``ops.conv_bn_chain``,
+    which in eval on the CPU writes the shuffled output from its chunks in cache).
     """
     layers, chain = _plan(seq)
     if chain:
@@ -168,7 +170,7 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
                 [mean for mean, _, _, _ in stats], [var for _, var, _, _ in stats],
                 groups=stats[0][2], training=training,
                 momentums=[_momentum(bn, norm_stats) for _, bn, _ in layers],
-                eps=layers[0][1].eps, backend=backend)
+                eps=layers[0][1].eps, backend=backend, shuffle_with=shuffle_with)
             for *_, done in stats:
                 done()
             return x
@@ -187,7 +189,7 @@ def run_fused(seq: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
             x = ops.reference.grouped_batch_norm(m(x), groups, mean, var, training,
                                                  kw["momentum"], bn.eps)
         done()
-    return x
+    return x if shuffle_with is None else ops.shuffle_cat(shuffle_with, x, backend=backend)
 
 
 class _Unit(nn.Module):
@@ -254,16 +256,17 @@ class _Unit(nn.Module):
                 x_proj, x_main = x.split(x.shape[1] // 2, 1)
             else:
                 x_proj, x_main = ops.channel_split(x, backend=self.backend)
-            a = x_proj
-            b = run_fused(self.branch_main, x_main, norm_stats, training, self.backend)
+            a, b_in = x_proj, x_main
         else:
             if shuffled_in:
                 raise ValueError("a stride-2 unit takes its input in channel order, not "
                                  "split-ready (see blocks.split_ready)")
             a = run_fused(self.branch_proj, x, norm_stats, training, self.backend)
-            b = run_fused(self.branch_main, x, norm_stats, training, self.backend)
-        if shuffle_out:
-            return ops.shuffle_cat(a, b, backend=self.backend)
+            b_in = x
+        if shuffle_out:  # shuffle_cat(a, main branch), from the branch's chunks in CPU eval
+            return run_fused(self.branch_main, b_in, norm_stats, training, self.backend,
+                             shuffle_with=a)
+        b = run_fused(self.branch_main, b_in, norm_stats, training, self.backend)
         return torch.cat((a, b), 1).contiguous(memory_format=torch.channels_last)
 
 

@@ -15,6 +15,7 @@ from . import __version__, ops
 FUSED_OPS = {"dwconv_bn": ["cpu", "cuda", "triton"], "pwconv_bn_relu": ["cpu", "cuda", "triton"],
              "channel_split": ["cpu", "cuda"], "channel_interleave": ["cpu", "cuda"],
              "shuffle_cat": ["cpu", "cuda"], "conv_bn_chain": ["cpu", "cuda", "triton"],
+             "conv_bn_chain_eval": ["cpu"],  # (eval without autograd; elsewhere conv_bn_chain)
              "linear": ["cpu"]}  # (on CUDA ops.linear runs cuBLAS's matmul)
 
 

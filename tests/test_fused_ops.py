@@ -632,6 +632,16 @@ def test_cpu_eval_chain_without_autograd_equals_the_chain(dtype, case, layout):
         assert torch.equal(y, want)
         assert y.is_contiguous(memory_format=torch.channels_last)
     assert all(torch.equal(a, b) for a, b in zip(before, means + vars_))
+    # shuffle_with: the unit's split-ready output, shuffle_cat(a, y), written from the chunks
+    # (a: the other half, of either parity: the odd channel counts take the kernel's tmp path)
+    _, c_out, h_out, w_out = want.shape
+    a = _input((rows, c_out + 2, h_out, w_out), dtype, "cpu", layout)
+    with torch.no_grad():
+        shuffled = ops.conv_bn_chain(x, weights, layers, means, vars_, groups=groups,
+                                     training=False, momentums=[0.1] * len(layers),
+                                     backend="cpu", shuffle_with=a)
+    assert torch.equal(shuffled, ops.shuffle_cat(a, want, backend="cpu"))
+    assert shuffled.is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_c
@@ -659,6 +669,14 @@ def test_cpu_eval_chain_opcheck_and_errors():
         op(x, weights[:2], layers, mean, var, 2, 1e-5)
     with pytest.raises(RuntimeError, match=r"mean must be \[groups, sum of the layers. channels\]"):
         op(x, weights, layers, mean[:, 1:], var, 2, 1e-5)
+    a = torch.randn(4, 6, 3, 3, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(op, (x, weights, layers, mean, var, 2, 1e-5, a))
+    assert torch.equal(op(x, weights, layers, mean, var, 2, 1e-5, a),
+                       torch.ops.fastshift.shuffle_cat.default(a, want))
+    with pytest.raises(RuntimeError, match="shuffle_with must be"):
+        op(x, weights, layers, mean, var, 2, 1e-5, a[:, :, :2])
+    with pytest.raises(RuntimeError, match="needs an even channel count"):
+        op(x, weights, layers, mean, var, 2, 1e-5, a[:, 1:])
 
 
 @needs_c

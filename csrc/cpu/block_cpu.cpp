@@ -28,6 +28,7 @@
 
 #include "../block_checks.h"
 #include "block_kernels.h"
+#include "shuffle_kernels.h"
 
 namespace fastshift {
 namespace cpu_block {
@@ -857,15 +858,17 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, at::Tensor, at::Tensor> conv_bn_
 
 // conv_bn_chain in eval without autograd (conv_bn_chain_eval): y alone, the layers run image
 // chunk by image chunk. Each task takes a chunk of images (product_chunks of the input)
-// through every layer in turn, its intermediate outputs in two scratch buffers of the thread
+// through every layer in turn, its intermediate outputs in scratch buffers of the thread
 // (a few images' worth: in L2) where conv_bn_chain_cpu writes each layer's output for the
 // whole batch to memory and reads it back in the next layer. The same kernels on the same
 // rows in the same order (a 1x1 layer's raw product normalised lazily by its reader, the
 // last one's BN + ReLU per chunk; the depthwise layers per image), so y equals
-// conv_bn_chain_cpu's bit for bit.
+// conv_bn_chain_cpu's bit for bit. With shuffle_with (a [R, Ca, H', W']), the output is
+// shuffle_cat(a, y) instead, each chunk's y deinterleaved with a from the thread's scratch.
 at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights,
                                   at::IntArrayRef layers, const at::Tensor& mean_in,
-                                  const at::Tensor& var_in, int64_t groups, double eps) {
+                                  const at::Tensor& var_in, int64_t groups, double eps,
+                                  const std::optional<at::Tensor>& shuffle_with) {
   const char* op = "conv_bn_chain_eval";
   const std::vector<int64_t> channels = check_chain(op, layers, weights, mean_in, var_in, groups);
   check_float_dtype(op, x_in);
@@ -897,7 +900,25 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
     }
     Cin[i + 1] = channels[i];
   }
-  at::Tensor y = empty_rows_last(R, Cin[n], H[n], W[n], x);
+  // the split-ready partner: pixel rows (read in place, pixel stride a_ps) of y's geometry
+  const bool shuffled = shuffle_with.has_value();
+  at::Tensor a;
+  int64_t a_ps = 0, Ca = 0;
+  if (shuffled) {
+    const at::Tensor& a_in = *shuffle_with;
+    TORCH_CHECK(a_in.dim() == 4 && a_in.size(0) == R && a_in.size(2) == H[n] &&
+                    a_in.size(3) == W[n],
+                op, ": shuffle_with must be [", R, ", C, ", H[n], ", ", W[n],
+                "] (the output's rows and map), got ", a_in.sizes());
+    TORCH_CHECK(a_in.scalar_type() == x.scalar_type() && a_in.device() == x.device(), op,
+                ": shuffle_with must have x's dtype and device");
+    Ca = a_in.size(1);
+    TORCH_CHECK((Ca + Cin[n]) % 2 == 0, op, ": shuffle_cat needs an even channel count, got ",
+                Ca, " + ", Cin[n]);
+    a = in_place_rows(a_in, a_ps);
+  }
+  const int64_t Cout = Ca + Cin[n];
+  at::Tensor y = empty_rows_last(R, Cout, H[n], W[n], x);
   if (R == 0) return y;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "conv_bn_chain_eval_cpu", [&] {
     using T = scalar_t;
@@ -930,19 +951,22 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
         if (i == 0) shapes[i].XS = x_ps;
         pad = std::max(pad, padded_h(shapes[i]) * padded_w(shapes[i]) * Cin[i]);
       }
-      // layer i's output lives in a scratch buffer unless it is the last layer's
-      if (i + 1 < n) buffer = std::max(buffer, per_chunk * H[i + 1] * W[i + 1] * Ci);
+      // layer i's output lives in a scratch buffer unless it is the last layer's (then only
+      // when it is deinterleaved with shuffle_with)
+      if (i + 1 < n || shuffled) buffer = std::max(buffer, per_chunk * H[i + 1] * W[i + 1] * Ci);
       // a 1x1 layer reading a mapped input (another 1x1 layer's raw output) maps it first
       if (layers[i] == 0 && i > 0 && layers[i - 1] == 0)
         buffer = std::max(buffer, per_chunk * H[i] * W[i] * Cin[i]);
     }
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.data_ptr<T>();
+    const T* ap = shuffled ? a.const_data_ptr<T>() : nullptr;
     at::parallel_for(0, ch.count(), 1, [&](int64_t b0, int64_t b1) {
-      const std::unique_ptr<T[]> scratch_all = scratch<T>(3 * buffer + pad);
+      const std::unique_ptr<T[]> scratch_all = scratch<T>(3 * buffer + pad + Cout);
       T* bufs[3] = {scratch_all.get(), scratch_all.get() + buffer,
                     scratch_all.get() + 2 * buffer};
       T* padp = scratch_all.get() + 3 * buffer;
+      T* tmp = padp + pad;  // one pixel of shuffle_cat's t
       for (int64_t c = b0; c < b1; ++c) {
         const int64_t g = ch.group(c), r0 = ch.begin(c), images = ch.end(c) - r0;
         const T* cur = xp + r0 * H[0] * W[0] * x_ps;  // this chunk's input rows
@@ -952,7 +976,7 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
         for (size_t i = 0; i < n; ++i) {
           const int64_t Ci = channels[i], pixels_in = H[i] * W[i], pixels = H[i + 1] * W[i + 1];
           const bool last = i + 1 == n;
-          T* dst = last ? yp + r0 * pixels * Ci : bufs[next];
+          T* dst = last && !shuffled ? yp + r0 * pixels * Ci : bufs[next];
           if (layers[i] == 0) {
             if (map.shift != nullptr) {  // (not in the SPOS branches: 1x1 after 1x1)
               T* mapped = bufs[(next + 1) % 3];
@@ -977,6 +1001,11 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
           cur = dst;
           cur_ps = Ci;
           next = (next + 1) % 3;
+        }
+        if (shuffled) {  // y's rows of this chunk (in scratch) with a's into the output
+          const int64_t pixels = H[n] * W[n], p0 = r0 * pixels;
+          k_deinterleave(ap + p0 * a_ps, a_ps, Ca, cur, Cin[n], Cin[n], yp + p0 * Cout, Cout,
+                         yp + p0 * Cout + Cout / 2, Cout, 0, images * pixels, tmp);
         }
       }
     });

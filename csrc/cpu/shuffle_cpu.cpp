@@ -13,6 +13,7 @@
 
 #include "../shuffle_checks.h"
 #include "multiversion.h"
+#include "shuffle_kernels.h"
 
 namespace fastshift {
 namespace {
@@ -168,6 +169,10 @@ inline void interleave_rows(const T* s0, int64_t ss0, const T* s1, int64_t ss1, 
   }
 }
 
+}  // namespace
+
+// The per-pixel kernels with external linkage: conv_bn_chain_eval (block_cpu.cpp) writes its
+// output split-ready through k_deinterleave (declared in shuffle_kernels.h).
 #define FASTSHIFT_SHUFFLE_KERNELS(T)                                                           \
   FASTSHIFT_MULTIVERSION void k_deinterleave(const T* s0, int64_t ss0, int64_t n0, const T* s1, \
                                              int64_t ss1, int64_t n1, T* d0, int64_t ds0,       \
@@ -184,6 +189,8 @@ FASTSHIFT_SHUFFLE_KERNELS(double)
 FASTSHIFT_SHUFFLE_KERNELS(c10::Half)
 FASTSHIFT_SHUFFLE_KERNELS(c10::BFloat16)
 #undef FASTSHIFT_SHUFFLE_KERNELS
+
+namespace {
 
 // The pixel stride P of a pixel-rows tensor (see above), 0 when it has no channels (never
 // read), -1 when it is not pixel rows.

@@ -333,7 +333,8 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
 
 def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars, *,
                   groups: int = 1, training: bool, momentums, eps: float = 1e-5,
-                  backend: str | None = None) -> torch.Tensor:
+                  backend: str | None = None,
+                  shuffle_with: torch.Tensor | None = None) -> torch.Tensor:
     """A branch of a choice block as one fused op: the layers in turn, ``layers[i] == 0`` a
     ``pwconv_bn_relu`` layer, 1 or 2 a ``dwconv_bn`` layer of that stride.
 
@@ -345,13 +346,19 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
     instead of one per layer. Returns the last layer's output (channels-last from the compiled
     backends). Its 1x1 layers follow ``torch.backends.cudnn.allow_tf32`` on CUDA as
     :func:`pwconv_bn_relu` does.
+
+    ``shuffle_with`` (a ``[G*N, Ca, H', W']`` tensor, e.g. a ShuffleNetV2 unit's passed-through
+    half): return ``shuffle_cat(shuffle_with, y)`` instead of y, the unit's split-ready output;
+    in eval without autograd on the ``cpu`` backend it is written from the chunks in cache
+    (``conv_bn_chain_eval``), else ``shuffle_cat`` runs after the chain.
     """
     name = resolve_backend(backend, x.device)
     layers = [int(k) for k in layers]
     if name == "reference":
-        return reference.conv_bn_chain(x, weights, layers, running_means, running_vars,
-                                       groups=groups, training=training, momentums=momentums,
-                                       eps=eps)
+        y = reference.conv_bn_chain(x, weights, layers, running_means, running_vars,
+                                    groups=groups, training=training, momentums=momentums,
+                                    eps=eps)
+        return y if shuffle_with is None else reference.shuffle_cat(shuffle_with, y)
     counts = [len(v) for v in (weights, layers, running_means, running_vars, momentums)]
     if len(set(counts)) != 1:
         raise ValueError("conv_bn_chain: weights, layers, running_means, running_vars and "
@@ -379,11 +386,11 @@ def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars,
         # no graph to keep: the CPU body that runs the layers image chunk by image chunk with
         # their intermediate outputs in cache, and returns y alone (the same values)
         return torch.ops.fastshift.conv_bn_chain_eval.default(x, live, layers, mean_in, var_in,
-                                                              groups, eps)
+                                                              groups, eps, shuffle_with)
     op = (torch.ops.fastshift.conv_bn_chain_triton.default if name == "triton"
           else torch.ops.fastshift.conv_bn_chain.default)
     y, saved, batch_mean, batch_var = op(x, live, layers, mean_in, var_in, groups, eps, training)
     outs = [*saved[:len(layers) - 1], y]  # each layer's output, for its statistics' count
     _update_chain_running(outs, batch_mean, batch_var, sizes, running_means, running_vars,
                           momentums, groups, training)
-    return y
+    return y if shuffle_with is None else shuffle_cat(shuffle_with, y, backend=name)

@@ -177,9 +177,14 @@ if HAVE_C:
         return _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, training,
                                    cpu_body=x.device.type == "cpu")
 
-    def _conv_bn_chain_eval_fake(x, weights, layers, mean, var, groups, eps):
-        return _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, False,
-                                   cpu_body=True)[0]
+    def _conv_bn_chain_eval_fake(x, weights, layers, mean, var, groups, eps,
+                                 shuffle_with=None):
+        y = _conv_bn_chain_fake(x, weights, layers, mean, var, groups, eps, False,
+                                cpu_body=True)[0]
+        if shuffle_with is None:
+            return y
+        r, c, h, w = y.shape
+        return _channels_last_empty(x, (r, shuffle_with.shape[1] + c, h, w))
 
     def _conv_bn_chain_backward_fake(grad_y, x, weights, layers, y, saved, var, groups, eps,
                                      training):
