@@ -147,35 +147,22 @@ def test_dwconv_bn_matches_reference(backend, device, dtype, shape, training, la
 
 @needs_c
 @pytest.mark.parametrize("backend,device", [p for p in PAIRS if not _interpreted(*p)])
-@pytest.mark.parametrize("k", [1, 3, 5, 7])
-def test_dwconv_bn_stride2_every_small_map(backend, device, k):
-    """Stride 2 on every map size from 1x1 to 8x8 (even and odd, wider and taller than the
-    kernel): the input gradient of the CPU body works phase by phase (the four parities of the
-    input pixels), whose sub-kernels and borders depend on k, the map size and its parity."""
-    torch.manual_seed(k)
-    for h in range(1, 9):
-        for w in range(1, 9):
+@pytest.mark.parametrize("k,stride", [(1, 2), (3, 2), (5, 2), (7, 2), (3, 1), (5, 1), (7, 1)])
+def test_dwconv_bn_every_small_map(backend, device, k, stride):
+    """Every map size from 1x1 to 8x8 at stride 2 (6x6 at stride 1; even and odd, wider and
+    taller than the kernel). Stride 2: the input gradient of the CPU body works phase by phase
+    (the four parities of the input pixels), whose sub-kernels and borders depend on k, the
+    map size and its parity. Both strides: where most taps fall on the zero border (4x4 with
+    5x5 or 7x7 kernels, 2x2, 3x3) the CPU body's forward (and stride-1 input gradient) take
+    only the taps inside the image, elsewhere the zero-bordered copy."""
+    torch.manual_seed(k * 10 + stride)
+    size = 8 if stride == 2 else 6
+    for h in range(1, size + 1):
+        for w in range(1, size + 1):
             x = _input((2, 9, h, w), torch.float64, device, "channels_last")
             weight = torch.randn(9, 1, k, k, dtype=torch.float64, device=device)
             for training in (True, False):
-                _check_against_reference(ops.dwconv_bn, backend, x, weight, (2,), 1,
-                                         torch.float64, device, training)
-
-
-@needs_c
-@pytest.mark.parametrize("backend,device", [p for p in PAIRS if not _interpreted(*p)])
-@pytest.mark.parametrize("k", [3, 5, 7])
-def test_dwconv_bn_stride1_every_small_map(backend, device, k):
-    """Stride 1 on every map size from 1x1 to 6x6: on the small maps where most taps fall on
-    the zero border (4x4 with 5x5 or 7x7 kernels, 2x2, 3x3) the CPU body's forward and input
-    gradient take only the taps inside the image, elsewhere the zero-bordered copy."""
-    torch.manual_seed(k)
-    for h in range(1, 7):
-        for w in range(1, 7):
-            x = _input((2, 9, h, w), torch.float64, device, "channels_last")
-            weight = torch.randn(9, 1, k, k, dtype=torch.float64, device=device)
-            for training in (True, False):
-                _check_against_reference(ops.dwconv_bn, backend, x, weight, (1,), 1,
+                _check_against_reference(ops.dwconv_bn, backend, x, weight, (stride,), 1,
                                          torch.float64, device, training)
 
 
