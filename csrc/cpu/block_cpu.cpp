@@ -948,7 +948,6 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
         packs[i] = at::empty({K * K, Ci}, x.options());
         forward_taps(weights[i].contiguous().const_data_ptr<T>(), Ci, K, packs[i].data_ptr<T>());
         shapes[i] = {H[i], W[i], Cin[i], K, layers[i], H[i + 1], W[i + 1]};
-        if (i == 0) shapes[i].XS = x_ps;
         pad = std::max(pad, padded_h(shapes[i]) * padded_w(shapes[i]) * Cin[i]);
       }
       // layer i's output lives in a scratch buffer unless it is the last layer's (then only
@@ -979,11 +978,10 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
           T* dst = last && !shuffled ? yp + r0 * pixels * Ci : bufs[next];
           if (layers[i] == 0) {
             if (map.shift != nullptr) {  // (not in the SPOS branches: 1x1 after 1x1)
+              // cur is then the previous 1x1 layer's dense output in scratch
               T* mapped = bufs[(next + 1) % 3];
-              for (int64_t p = 0; p < images * pixels_in; ++p)
-                k_map(cur + p * cur_ps, mapped + p * Cin[i], 1, Cin[i], map);
+              k_map(cur, mapped, images * pixels_in, Cin[i], map);
               cur = mapped;
-              cur_ps = Cin[i];
             }
             k_gemm(cur, cur_ps, 1, packs[i].const_data_ptr<T>(), Ci, dst, Ci, images * pixels,
                    Cin[i], Ci, false, gemm::Store{});
@@ -991,7 +989,7 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
             if (last) k_map(dst, dst, images * pixels, Ci, map);
           } else {
             DwShape s = shapes[i];
-            s.XS = cur_ps == Cin[i] ? 0 : cur_ps;
+            s.XS = cur_ps == Cin[i] ? 0 : cur_ps;  // the chain's input read in place
             for (int64_t r = 0; r < images; ++r)
               k_dw_forward(cur + r * pixels_in * cur_ps, packs[i].const_data_ptr<T>(),
                            dst + r * pixels * Ci, s, shift[i] + g * Ci, scale[i] + g * Ci, padp,

@@ -231,6 +231,22 @@ inline void upsample_image(const T* dz, T* pad, const DwShape& s) {
                 pad + ((P + oh * s.S) * PW + P + ow * s.S) * C);
 }
 
+// The depthwise kernels' store of NV accumulator vectors of channels c0.. at op: with
+// shift/scale given, (acc - shift) * scale (the BatchNorm of eval, or of a normalised output),
+// else acc as it is.
+template <typename V, int NV, typename T>
+inline void store_dw_out(T* op, const V (&acc)[NV], int64_t c0, const T* shift, const T* scale) {
+  constexpr int L = sizeof(V) / sizeof(T);
+  for (int v = 0; v < NV; ++v) {
+    if (shift != nullptr) {
+      const int64_t c = c0 + v * L;
+      store(op + v * L, (acc[v] - load<V>(shift + c)) * load<V>(scale + c));
+    } else {
+      store(op + v * L, acc[v]);
+    }
+  }
+}
+
 // out[o, c] = sum_{kh,kw} pad[o_h*S + kh, o_w*S + kw, c] * wt[kh, kw, c] over an out_h x out_w
 // map and a KH x KW kernel; with shift/scale given, stores (sum - shift) * scale. Output pixel
 // (o_h, o_w) is at out + o_h * out_rs + o_w * out_cs (elements; dense: out_w * C and C).
@@ -262,17 +278,8 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int6
           }
         }
       }
-      for (int t = 0; t < N; ++t) {
-        T* op = out + oh * out_rs + (ow + t) * out_cs + c0;
-        for (int v = 0; v < NV; ++v) {
-          if (shift != nullptr) {
-            const int64_t c = c0 + v * L;
-            store(op + v * L, (acc[t][v] - load<V>(shift + c)) * load<V>(scale + c));
-          } else {
-            store(op + v * L, acc[t][v]);
-          }
-        }
-      }
+      for (int t = 0; t < N; ++t)
+        store_dw_out(out + oh * out_rs + (ow + t) * out_cs + c0, acc[t], c0, shift, scale);
     };
     for (int64_t oh = 0; oh < out_h; ++oh) {
       int64_t ow = 0;
@@ -366,15 +373,7 @@ inline void direct_dwconv(const T* x, const T* wt, T* out, const DwShape& s, con
             for (int v = 0; v < NV; ++v)
               acc[v] += load<V>(xr + kw * C + v * L) * load<V>(wr + kw * C + v * L);
         }
-        T* op = out + (oh * s.OW + ow) * C + c0;
-        for (int v = 0; v < NV; ++v) {
-          if (shift != nullptr) {
-            const int64_t c = c0 + v * L;
-            store(op + v * L, (acc[v] - load<V>(shift + c)) * load<V>(scale + c));
-          } else {
-            store(op + v * L, acc[v]);
-          }
-        }
+        store_dw_out(out + (oh * s.OW + ow) * C + c0, acc, c0, shift, scale);
       }
     }
   });
