@@ -218,17 +218,80 @@ def plan_chunks(archs, batch_size: int, max_rows: int | None):
     return chunks
 
 
-def _gather_groups(pieces: list, parent_rows: list) -> torch.Tensor:
-    """The row groups ``pieces[p]`` for p in ``parent_rows``, stacked along the batch.
+def _runs(parent_rows: list, owner: list) -> list:
+    """``parent_rows`` (nodes of the previous layer, in a group's row order) as maximal runs
+    ``(out index, first row block, end row block)`` of consecutive row blocks of one output."""
+    runs = []
+    for node in parent_rows:
+        i, j = owner[node]
+        if runs and runs[-1][0] == i and runs[-1][2] == j:
+            runs[-1][2] = j + 1
+        else:
+            runs.append([i, j, j + 1])
+    return [tuple(r) for r in runs]
 
-    Built by ``torch.cat`` of views of the parent activation (split along the batch): the
-    backward only splits and adds gradients, where an ``index_select`` would zero-fill a
-    parent-sized gradient first (which dominates on CPU for large activations)."""
-    if len(parent_rows) == 1:
-        return pieces[parent_rows[0]]
-    fmt = (torch.channels_last if pieces[0].is_contiguous(memory_format=torch.channels_last)
-           else torch.contiguous_format)
-    return torch.cat([pieces[p] for p in parent_rows], 0).contiguous(memory_format=fmt)
+
+class _Regroup(torch.autograd.Function):
+    """A layer's per-choice outputs ``outs`` (node row blocks of ``batch`` rows each) regrouped
+    into the next layer's group inputs: group g stacks the row blocks of ``routes[g]`` (runs
+    from :func:`_runs`), a view where that is one run, else one concatenation.
+
+    The backward writes each output's gradient once: the group gradients' row blocks are
+    copied into a fresh tensor of the output's layout (added where a node feeds several
+    groups; zero only where it feeds none). Autograd's own backward of the same slices,
+    splits and concatenations zero-fills whole outputs for the slices, concatenates the split
+    pieces' gradients (zeros again where a piece was not taken, which also turns the result's
+    layout to contiguous NCHW, copied back to channels-last by the next op) and adds the two:
+    several passes over every gradient where one suffices."""
+
+    @staticmethod
+    def forward(ctx, batch: int, routes: list, *outs: torch.Tensor):
+        ctx.batch, ctx.routes = batch, routes
+        ctx.blocks = [o.shape[0] // batch for o in outs]
+        ctx.meta = [(o.shape, o.dtype, o.device, _layout(o)) for o in outs]
+        inputs = []
+        for runs in routes:
+            parts = [outs[i].narrow(0, b0 * batch, (b1 - b0) * batch) for i, b0, b1 in runs]
+            inputs.append(parts[0] if len(parts) == 1 else
+                          torch.cat(parts, 0).contiguous(memory_format=_layout(parts[0])))
+        return tuple(inputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        batch = ctx.batch
+        grad_outs = [None] * len(ctx.meta)
+        written = [[False] * n for n in ctx.blocks]
+        for grad, runs in zip(grads, ctx.routes):
+            if grad is None:
+                continue
+            row = 0
+            for i, b0, b1 in runs:
+                src = grad.narrow(0, row * batch, (b1 - b0) * batch)
+                row += b1 - b0
+                if grad_outs[i] is None:
+                    shape, dtype, device, fmt = ctx.meta[i]
+                    grad_outs[i] = torch.empty(shape, dtype=dtype, device=device,
+                                               memory_format=fmt)
+                dst, done = grad_outs[i], written[i]
+                if not any(done[b0:b1]):
+                    dst.narrow(0, b0 * batch, (b1 - b0) * batch).copy_(src)
+                else:
+                    for b in range(b0, b1):
+                        block = dst.narrow(0, b * batch, batch)
+                        part = src.narrow(0, (b - b0) * batch, batch)
+                        block.add_(part) if done[b] else block.copy_(part)
+                done[b0:b1] = [True] * (b1 - b0)
+        for g, done in zip(grad_outs, written):
+            if g is not None:
+                for b, d in enumerate(done):
+                    if not d:
+                        g.narrow(0, b * batch, batch).zero_()
+        return (None, None, *grad_outs)
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    return (torch.channels_last if t.dim() == 4 and t.is_contiguous(
+        memory_format=torch.channels_last) else torch.contiguous_format)
 
 
 def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
@@ -309,28 +372,17 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     batch = x.shape[0]
     # The previous layer's output stays as its per-choice outputs (`outs`, in node order); a
     # group's input is a row slice of one of them when its parents are consecutive rows there,
-    # else a concatenation of just its parents' rows, and the whole layer is concatenated only
-    # when a group takes every node (or for the tail).
+    # else a concatenation of just its parents' rows (_Regroup, whose backward writes each
+    # output's gradient once); the whole layer is concatenated only for the tail.
     outs = [_stem(net, x, stats, training)]
     for layer, groups in enumerate(plan.levels):
         owner = []  # node -> (index of its output in outs, row block within it)
         for i, out in enumerate(outs):
             owner.extend((i, j) for j in range(out.shape[0] // batch))
-        pieces = full = None
+        routes = [_runs(parent_rows, owner) for _, parent_rows, _ in groups]
+        inputs = _Regroup.apply(batch, routes, *outs)
         layer_outs = []
-        for choice, parent_rows, prefixes in groups:
-            first, last = owner[parent_rows[0]], owner[parent_rows[-1]]
-            if parent_rows == list(range(len(owner))):
-                if full is None:
-                    full = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
-                inp = full
-            elif (first[0] == last[0] and parent_rows
-                  == list(range(parent_rows[0], parent_rows[-1] + 1))):
-                inp = outs[first[0]][first[1] * batch:(last[1] + 1) * batch]
-            else:
-                if pieces is None:
-                    pieces = [p for out in outs for p in out.split(batch, 0)]
-                inp = _gather_groups(pieces, parent_rows)
+        for (choice, _, prefixes), inp in zip(groups, inputs):
             layer_outs.append(_block(net, layer, choice, inp, prefixes, stats, training, fused))
             plan.computed.extend((layer, p) for p in prefixes)
         outs = layer_outs

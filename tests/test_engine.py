@@ -83,6 +83,37 @@ def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients():
         torch.testing.assert_close(got, expected[n], rtol=1e-9, atol=1e-12, msg=n)
 
 
+@pytest.mark.parametrize("channels_last", [True, False])
+def test_regroup_equals_slicing_and_concatenation(channels_last):
+    """The breadth-first engine's regrouping of a layer's outputs into the next layer's group
+    inputs: values, and gradients written once per output (copied; added where a row block
+    feeds several groups; zero where it feeds none), against autograd's own slicing and
+    concatenation; the gradients keep the outputs' layout."""
+    from fastshift.engine import _Regroup, _runs
+    batch, g = 2, torch.Generator().manual_seed(0)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    sizes = [3, 1, 4]  # row blocks of each output
+    outs = [torch.randn(n * batch, 5, 3, 2, dtype=torch.float64, generator=g)
+            .contiguous(memory_format=fmt).requires_grad_(True) for n in sizes]
+    owner = [(i, j) for i, n in enumerate(sizes) for j in range(n)]
+    # node 1 feeds three groups, nodes 4..7 a run, node 2 none; one group spans two outputs
+    groups = [[0, 1, 3], [1], [4, 5, 6, 7], [1, 5, 6], [7, 0]]
+    routes = [_runs(parents, owner) for parents in groups]
+    assert routes[2] == [(2, 0, 4)] and routes[0] == [(0, 0, 2), (1, 0, 1)]
+    inputs = _Regroup.apply(batch, routes, *outs)
+    pieces = [p for o in outs for p in o.split(batch, 0)]
+    expected = [torch.cat([pieces[n] for n in parents], 0) for parents in groups]
+    for got, want in zip(inputs, expected):
+        assert torch.equal(got, want)
+    weights = [torch.randn(e.shape, dtype=torch.float64, generator=g) for e in expected]
+    got = torch.autograd.grad(sum((i * w).sum() for i, w in zip(inputs, weights)), outs)
+    want = torch.autograd.grad(sum((e * w).sum() for e, w in zip(expected, weights)), outs)
+    for a, b, o in zip(got, want, outs):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)  # sums in another order
+        assert a.is_contiguous(memory_format=fmt) and a.shape == o.shape
+    assert torch.count_nonzero(got[0][2 * batch:3 * batch]) == 0  # node 2 feeds no group
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["breadth_first", "depth_first_no_grad"])
 def test_trie_computes_each_prefix_once(grad):
     rng = np.random.default_rng(1)

@@ -500,14 +500,22 @@ at::Tensor pw_weight_grad(const at::Tensor& dz, const at::Tensor& x2d) {
   const int64_t tiles = (O + rows - 1) / rows, slices = weight_grad_slices(M, O);
   const std::unique_ptr<T[]> part = scratch<T>(slices > 1 ? slices * O * C : 0);
   at::parallel_for(0, slices * tiles, 1, [&](int64_t b0, int64_t e0) {
-    for (int64_t task = b0; task < e0; ++task) {
-      const int64_t j = task / tiles, o0 = task % tiles * rows, o1 = std::min(O, o0 + rows);
+    // A thread's tasks, slice by slice: the blocks of rows outermost, so that a block of x and
+    // of dz is read from memory once and used by each of the thread's tiles while in cache (the
+    // tiles outermost read all of x once per tile). Each output element is still summed over
+    // its slice's rows in increasing order.
+    for (int64_t task = b0; task < e0;) {
+      const int64_t j = task / tiles, t0 = task % tiles, t1 = std::min(tiles, t0 + e0 - task);
       const int64_t m_begin = j * M / slices, m_end = (j + 1) * M / slices;
-      T* out = (slices > 1 ? part.get() + j * O * C : dw.data_ptr<T>()) + o0 * C;
-      if (m_begin == m_end) std::fill(out, out + (o1 - o0) * C, T(0));
+      T* out = (slices > 1 ? part.get() + j * O * C : dw.data_ptr<T>());
+      if (m_begin == m_end) std::fill(out + t0 * rows * C, out + std::min(O, t1 * rows) * C, T(0));
       for (int64_t m0 = m_begin; m0 < m_end; m0 += kReduceRows)
-        k_gemm(dp + m0 * O + o0, 1, O, xp + m0 * ld, ld, out, C, o1 - o0,
-               std::min(kReduceRows, m_end - m0), C, m0 > m_begin, gemm::Store{});
+        for (int64_t t = t0; t < t1; ++t) {
+          const int64_t o0 = t * rows, o1 = std::min(O, o0 + rows);
+          k_gemm(dp + m0 * O + o0, 1, O, xp + m0 * ld, ld, out + o0 * C, C, o1 - o0,
+                 std::min(kReduceRows, m_end - m0), C, m0 > m_begin, gemm::Store{});
+        }
+      task += t1 - t0;
     }
   });
   if (slices > 1) {
