@@ -303,9 +303,9 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int6
         store_dw_out(out + oh * out_rs + (ow + t) * out_cs + c0, acc[t], c0, shift, scale);
     };
     // stride 1 with 5 or 7 taps a row: wide tiles one channel vector at a time
-    // (dw_row_tile_s1; N = 8 outputs with 64-byte registers, 4 with 32-byte ones), the pixels
-    // left by the general tiles (with 3 taps they were faster: 193 against 278 us for a
-    // 128 x 32 x 16 x 16 eval layer, 25 % slower with 5 and 7 taps)
+    // (dw_row_tile_s1; N = 8 outputs with 64-byte registers, 4 with 32-byte ones), then the
+    // general tiles for the pixels left. With 3 taps the general tiles are faster (193 against
+    // 278 us on a 128 x 32 x 16 x 16 eval layer), with 5 and 7 about 20 % slower.
     auto rows_s1 = [&](auto kwc, auto nc, int64_t oh) -> int64_t {
       constexpr int KWc = decltype(kwc)::value, N = decltype(nc)::value;
       int64_t ow = 0;
@@ -327,8 +327,10 @@ inline void valid_dwconv(const T* pad, int64_t PW, const T* wt, int64_t KH, int6
     constexpr int NS = W >= 64 ? 8 : 4;
     for (int64_t oh = 0; oh < out_h; ++oh) {
       int64_t ow = 0;
-      if (S == 1 && KW == 5) ow = rows_s1(std::integral_constant<int, 5>{}, std::integral_constant<int, NS>{}, oh);
-      else if (S == 1 && KW == 7) ow = rows_s1(std::integral_constant<int, 7>{}, std::integral_constant<int, NS>{}, oh);
+      if (S == 1 && KW == 5)
+        ow = rows_s1(std::integral_constant<int, 5>{}, std::integral_constant<int, NS>{}, oh);
+      else if (S == 1 && KW == 7)
+        ow = rows_s1(std::integral_constant<int, 7>{}, std::integral_constant<int, NS>{}, oh);
       for (; ow + TW <= out_w; ow += TW) tile(std::integral_constant<int, TW>{}, oh, ow);
       for (; ow < out_w; ++ow) tile(std::integral_constant<int, 1>{}, oh, ow);
     }
