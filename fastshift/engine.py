@@ -247,7 +247,6 @@ class _Regroup(torch.autograd.Function):
     @staticmethod
     def forward(ctx, batch: int, routes: list, *outs: torch.Tensor):
         ctx.batch, ctx.routes = batch, routes
-        ctx.blocks = [o.shape[0] // batch for o in outs]
         ctx.meta = [(o.shape, o.dtype, o.device, _layout(o)) for o in outs]
         inputs = []
         for runs in routes:
@@ -260,7 +259,7 @@ class _Regroup(torch.autograd.Function):
     def backward(ctx, *grads):
         batch = ctx.batch
         grad_outs = [None] * len(ctx.meta)
-        written = [[False] * n for n in ctx.blocks]
+        written = [[False] * (shape[0] // batch) for shape, *_ in ctx.meta]  # per row block
         for grad, runs in zip(grads, ctx.routes):
             if grad is None:
                 continue
