@@ -7,7 +7,8 @@ Modes (same space, same per-candidate work, same candidates):
                  what search(batch_subnets=1) runs) on fastshift's fastest ops backend: every
                  block through the fused ops, channels-last
   batched_kK     K candidates per step (Shifter.evaluate_many), K in --ks (default 10 25 50),
-                 on the fastest ops backend
+                 on the fastest ops backend, grouped as search(batch_subnets=K) groups them
+                 (engine.prefix_groups: K at a time in sorted-architecture order)
   batched_kK_reference_ops   the same on the plain-PyTorch ops (--reference-ops-ks)
 
 Workload per candidate (--scale):
@@ -48,6 +49,7 @@ import torch
 
 import fastshift
 from fastshift.data import BatchStream, EvalSet
+from fastshift.engine import prefix_groups
 from fastshift.shifting import FitnessConfig, Shifter
 
 SCALES = {
@@ -192,9 +194,9 @@ class ModeRunner:
         if self.k == 0:  # Shifter.evaluate, one candidate at a time
             for i, arch in enumerate(archs):
                 shifter.evaluate(arch, seed=offset + i)
-        else:
-            for start in range(0, len(archs), self.k):
-                shifter.evaluate_many(archs[start:start + self.k], seed=offset + start,
+        else:  # the groups fastshift.search forms: K at a time in sorted order
+            for indices in prefix_groups(archs, self.k):
+                shifter.evaluate_many([archs[i] for i in indices], seed=offset + indices[0],
                                       max_rows=self.max_rows)
 
     def warm_up(self, archs):

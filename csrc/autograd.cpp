@@ -119,6 +119,79 @@ struct ShuffleCatBackward : torch::autograd::Function<ShuffleCatBackward> {
   }
 };
 
+// ---- shuffle_cat_pair / shuffle_cat_pair_backward: the same permutation, two halves --------
+
+using PairFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&);
+using PairBwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                     int64_t);
+
+const c10::TypedOperatorHandle<PairFn>& pair_op() {
+  static const auto op = op_handle<PairFn>("shuffle_cat_pair");
+  return op;
+}
+
+const c10::TypedOperatorHandle<PairBwdFn>& pair_backward_op() {
+  static const auto op = op_handle<PairBwdFn>("shuffle_cat_pair_backward");
+  return op;
+}
+
+// An absent gradient of one of two same-shaped tensors: zeros like the other (both absent
+// does not reach a backward).
+std::pair<at::Tensor, at::Tensor> both_defined(const at::Tensor& x, const at::Tensor& y) {
+  return {x.defined() ? x : at::zeros_like(y), y.defined() ? y : at::zeros_like(x)};
+}
+
+struct ShuffleCatPair : torch::autograd::Function<ShuffleCatPair> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
+    ctx->saved_data["split"] = a.size(1);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [lo, hi] = pair_op().call(a, b);
+    return {lo, hi};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    auto [lo, hi] = both_defined(g[0], g[1]);
+    auto [ga, gb] = pair_backward_op().call(lo, hi, ctx->saved_data["split"].toInt());
+    return {ga, gb};
+  }
+};
+
+struct ShuffleCatPairBackward : torch::autograd::Function<ShuffleCatPairBackward> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& lo, const at::Tensor& hi,
+                               int64_t split) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [ga, gb] = pair_backward_op().call(lo, hi, split);
+    ctx->saved_data["split"] = split;
+    ctx->saved_data["channels"] = 2 * lo.size(1);
+    return {ga, gb};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    // g[0] [B, split, H, W] and g[1] [B, C - split, H, W]: zeros of its own shape where one
+    // is absent
+    const int64_t split = ctx->saved_data["split"].toInt();
+    const int64_t C = ctx->saved_data["channels"].toInt();
+    auto zeros = [](const at::Tensor& like, int64_t c) {
+      return at::zeros({like.size(0), c, like.size(2), like.size(3)}, like.options());
+    };
+    const at::Tensor ga = g[0].defined() ? g[0] : zeros(g[1], split);
+    const at::Tensor gb = g[1].defined() ? g[1] : zeros(g[0], C - split);
+    auto [lo, hi] = pair_op().call(ga, gb);
+    return grads({lo, hi}, 1);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_autograd(const at::Tensor& a,
+                                                             const at::Tensor& b) {
+  auto out = ShuffleCatPair::apply(a, b);
+  return {out[0], out[1]};
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_autograd(const at::Tensor& lo,
+                                                                      const at::Tensor& hi,
+                                                                      int64_t split) {
+  auto out = ShuffleCatPairBackward::apply(lo, hi, split);
+  return {out[0], out[1]};
+}
+
 at::Tensor shuffle_cat_autograd(const at::Tensor& a, const at::Tensor& b) {
   return ShuffleCat::apply(a, b)[0];
 }
@@ -317,6 +390,8 @@ TORCH_LIBRARY_IMPL(fastshift, Autograd, m) {
   m.impl("channel_interleave", &channel_interleave_autograd);
   m.impl("shuffle_cat", &shuffle_cat_autograd);
   m.impl("shuffle_cat_backward", &shuffle_cat_backward_autograd);
+  m.impl("shuffle_cat_pair", &shuffle_cat_pair_autograd);
+  m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_autograd);
   m.impl("linear", &linear_autograd);
   m.impl("dwconv_bn", &dwconv_bn_autograd<0>);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_autograd<0>);

@@ -35,6 +35,15 @@ TORCH_LIBRARY(fastshift, m) {
   // t = channel_interleave(grad[:, :C/2], grad[:, C/2:]), grad_a = t[:, :split],
   // grad_b = t[:, split:].
   m.def("shuffle_cat_backward(Tensor grad, int split) -> (Tensor, Tensor)");
+  // shuffle_cat's output as its two halves, each a tensor of its own: (lo, hi) =
+  // channel_split(cat(a, b)), [B, C/2, H, W] each, the next unit's (x_proj, x_main) without
+  // a split and, in the backward, without a concatenation of their gradients (the CPU body;
+  // other devices compose channel_split and cat). Same layout rule as shuffle_cat.
+  m.def("shuffle_cat_pair(Tensor a, Tensor b) -> (Tensor, Tensor)");
+  // Backward of shuffle_cat_pair (and its inverse): (grad_lo, grad_hi) [B, C/2, H, W] ->
+  // (grad_a, grad_b) = shuffle_cat_backward(cat(grad_lo, grad_hi), split).
+  m.def("shuffle_cat_pair_backward(Tensor grad_lo, Tensor grad_hi, int split) -> "
+        "(Tensor, Tensor)");
   // Depthwise conv (k x k, odd k, stride 1 or 2, padding k / 2, no bias) + BatchNorm without
   // affine, over `groups` equal row groups of x [R, C, H, W] with their own statistics.
   // training: batch statistics per group, returned as mean/var [G, C] (var biased);

@@ -43,6 +43,19 @@ inline void check_shuffle_cat_backward(const at::Tensor& grad, int64_t split) {
               grad.size(1), "], got ", split);
 }
 
+inline void check_shuffle_cat_pair_backward(const at::Tensor& lo, const at::Tensor& hi,
+                                            int64_t split) {
+  TORCH_CHECK(lo.dim() == 4 && hi.dim() == 4, "shuffle_cat_pair_backward: grad_lo and grad_hi "
+              "must be 4-D [B, C/2, H, W], got ", lo.dim(), "-D and ", hi.dim(), "-D");
+  TORCH_CHECK(lo.sizes() == hi.sizes(), "shuffle_cat_pair_backward: grad_lo and grad_hi must "
+              "have the same shape, got ", lo.sizes(), " and ", hi.sizes());
+  TORCH_CHECK(lo.scalar_type() == hi.scalar_type() && lo.device() == hi.device(),
+              "shuffle_cat_pair_backward: grad_lo and grad_hi must have the same dtype and "
+              "device");
+  TORCH_CHECK(split >= 0 && split <= 2 * lo.size(1), "shuffle_cat_pair_backward: split must "
+              "be in [0, ", 2 * lo.size(1), "], got ", split);
+}
+
 // Position in shuffle_cat's output of channel c of t = cat(a, b) (C channels): even channels
 // fill the first half, odd ones the second.
 #if defined(__CUDACC__)

@@ -234,21 +234,25 @@ class _Unit(nn.Module):
                           run_sequential(self.branch_main, x, batch_norm, conv)), 1)
 
 
-    def forward_fused(self, x: torch.Tensor, norm_stats, training: bool, *,
-                      shuffled_in: bool = False, shuffle_out: bool = False) -> torch.Tensor:
+    def forward_fused(self, x, norm_stats, training: bool, *, shuffled_in: bool = False,
+                      shuffle_out: bool = False, pair: bool = False):
         """``forward`` (or ``forward_grouped``) through the fused ops (:func:`run_fused`),
         channels-last.
 
         ``shuffled_in`` (stride 1 only): x is split-ready, the layout of ``ops.shuffle_cat``
         (``cat(channel_split(x))``: even channels, then odd), so the split is two channel
-        ranges instead of a ``channel_split``. ``shuffle_out``: return the output split-ready
-        for a following stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in
-        one copy).
+        ranges instead of a ``channel_split``; or x is the pair of halves itself
+        (``ops.shuffle_cat_pair``). ``shuffle_out``: return the output split-ready for a
+        following stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in one
+        copy); with ``pair`` as its two halves (``ops.shuffle_cat_pair``), so that the
+        backward never concatenates the halves' gradients (the training path on the CPU).
         Without both flags x and the result are in the modules' channel order; with them the
         values are the same channels permuted (``split_ready`` says where each applies).
         """
         if self.stride == 1:
-            if shuffled_in:
+            if shuffled_in and isinstance(x, tuple):
+                x_proj, x_main = x
+            elif shuffled_in:
                 # the halves are channel ranges: x_proj is read in place by shuffle_cat, x_main
                 # by the branch's first 1x1 layer on CPU (its products take the pixel stride;
                 # other layers and devices copy it dense inside the op); one SplitBackward
@@ -263,6 +267,9 @@ class _Unit(nn.Module):
                                  "split-ready (see blocks.split_ready)")
             a = run_fused(self.branch_proj, x, norm_stats, training, self.backend)
             b_in = x
+        if shuffle_out and pair:
+            b = run_fused(self.branch_main, b_in, norm_stats, training, self.backend)
+            return ops.shuffle_cat_pair(a, b, backend=self.backend)
         if shuffle_out:  # shuffle_cat(a, main branch), from the branch's chunks in CPU eval
             return run_fused(self.branch_main, b_in, norm_stats, training, self.backend,
                              shuffle_with=a)
@@ -282,11 +289,15 @@ def split_ready(strides) -> list[tuple[bool, bool]]:
 
 def run_units_fused(units, x: torch.Tensor, norm_stats, training: bool) -> torch.Tensor:
     """``x`` through the chain ``units`` by ``forward_fused``, split-ready between units
-    (:func:`split_ready`); in and out in channel order, equal to applying each unit in turn."""
+    (:func:`split_ready`); in and out in channel order, equal to applying each unit in turn.
+    Where autograd records on the ``cpu`` backend, a split-ready output passes as its two
+    halves (``pair``)."""
     units = list(units)
+    pair = (torch.is_grad_enabled() and bool(units)
+            and ops.resolve_backend(units[0].backend, x.device) == "cpu")
     for unit, (shuffled_in, shuffle_out) in zip(units, split_ready(u.stride for u in units)):
         x = unit.forward_fused(x, norm_stats, training, shuffled_in=shuffled_in,
-                               shuffle_out=shuffle_out)
+                               shuffle_out=shuffle_out, pair=pair)
     return x
 
 

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import run_fused, run_head, run_sequential, uses_fused
+from .ops import resolve_backend
 from .ops.reference import grouped_batch_norm
 
 __all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks"]
@@ -218,6 +219,21 @@ def plan_chunks(archs, batch_size: int, max_rows: int | None):
     return chunks
 
 
+def prefix_groups(archs, k: int) -> list[list[int]]:
+    """The candidates ``archs`` as groups of at most ``k`` for ``forward_many`` /
+    ``Shifter.evaluate_many``: indices in sorted-architecture order cut into consecutive groups,
+    so that candidates sharing a long prefix (the mutations of one parent, the children of a
+    crossover) land in one group and its trie computes their shared layers once. On the
+    benchmark's evolved generation of 50, groups of 25 in this order have 796 distinct
+    (prefix, layer) nodes against 831 in proposal order (10: 804 against 901). ``k == 1``:
+    the given order (one candidate per group, nothing to share)."""
+    if k < 1:
+        raise ValueError(f"group size must be positive, got {k}")
+    order = (list(range(len(archs))) if k == 1
+             else sorted(range(len(archs)), key=lambda i: tuple(archs[i])))
+    return [order[s:s + k] for s in range(0, len(order), k)]
+
+
 def _runs(parent_rows: list, owner: list) -> list:
     """``parent_rows`` (nodes of the previous layer, in a group's row order) as maximal runs
     ``(out index, first row block, end row block)`` of consecutive row blocks of one output."""
@@ -311,14 +327,15 @@ def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     return m(x)
 
 
-def _block(net, layer: int, choice: int, x: torch.Tensor, prefixes, stats: PathStats,
-           training: bool, fused: bool) -> torch.Tensor:
-    """Choice ``choice`` of ``layer`` on the stacked rows of ``prefixes`` (one row group each)."""
+def _block(net, layer: int, choice: int, x, prefixes, stats: PathStats, training: bool,
+           fused: bool, pair: bool = False):
+    """Choice ``choice`` of ``layer`` on the stacked rows of ``prefixes`` (one row group each);
+    ``pair``: split-ready outputs as their two halves (``blocks._Unit.forward_fused``)."""
     block = net.features[layer][choice]
     if fused:
         shuffled_in, shuffle_out = net.unit_layouts[layer]
         return block.forward_fused(x, stats.norm_stats(prefixes, training), training,
-                                   shuffled_in=shuffled_in, shuffle_out=shuffle_out)
+                                   shuffled_in=shuffled_in, shuffle_out=shuffle_out, pair=pair)
     return block.forward_grouped(x, stats.batch_norm(prefixes, training), conv_channels_last)
 
 
@@ -369,20 +386,29 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     if not torch.is_grad_enabled():
         return _run_depth_first(net, x, plan, stats, fused)
     batch = x.shape[0]
+    # split-ready unit outputs as two halves on the CPU (their gradients never concatenated)
+    pair = fused and resolve_backend(net.backend, x.device) == "cpu"
     # The previous layer's output stays as its per-choice outputs (`outs`, in node order); a
     # group's input is a row slice of one of them when its parents are consecutive rows there,
     # else a concatenation of just its parents' rows (_Regroup, whose backward writes each
-    # output's gradient once); the whole layer is concatenated only for the tail.
+    # output's gradient once; once per half for pairs); the whole layer is concatenated only
+    # for the tail.
     outs = [_stem(net, x, stats, training)]
     for layer, groups in enumerate(plan.levels):
         owner = []  # node -> (index of its output in outs, row block within it)
         for i, out in enumerate(outs):
-            owner.extend((i, j) for j in range(out.shape[0] // batch))
+            rows = (out[0] if isinstance(out, tuple) else out).shape[0]
+            owner.extend((i, j) for j in range(rows // batch))
         routes = [_runs(parent_rows, owner) for _, parent_rows, _ in groups]
-        inputs = _Regroup.apply(batch, routes, *outs)
+        if isinstance(outs[0], tuple):
+            inputs = list(zip(_Regroup.apply(batch, routes, *(o[0] for o in outs)),
+                              _Regroup.apply(batch, routes, *(o[1] for o in outs))))
+        else:
+            inputs = _Regroup.apply(batch, routes, *outs)
         layer_outs = []
         for (choice, _, prefixes), inp in zip(groups, inputs):
-            layer_outs.append(_block(net, layer, choice, inp, prefixes, stats, training, fused))
+            layer_outs.append(_block(net, layer, choice, inp, prefixes, stats, training, fused,
+                                     pair))
             plan.computed.extend((layer, p) for p in prefixes)
         outs = layer_outs
     act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)

@@ -17,6 +17,7 @@ import torch
 from . import distributed as dist
 from .checkpoint import FORMAT_VERSION, atomic_save, check_state_dict
 from .data import BatchStream, EvalSet
+from .engine import prefix_groups
 from .evolution import EvolutionSearcher
 from .ops import tune_cpu_allocator
 from .shifting import FitnessConfig, Shifter
@@ -126,8 +127,10 @@ def search(
         seed: every random decision (evolution, batch order, dropout, new head) follows it.
         batch_subnets: K > 1 evaluates the candidates of a generation K at a time
             (``Shifter.evaluate_many``): each training step sums the K losses on one shared
-            batch, one backward, one optimizer step; one validation pass scores all K. 1 is the
-            released one-candidate-at-a-time order.
+            batch, one backward, one optimizer step; one validation pass scores all K. The
+            groups are consecutive in sorted-architecture order (``engine.prefix_groups``), so
+            that candidates sharing a prefix share its layers; ranking ties still follow the
+            proposal order. 1 is the released one-candidate-at-a-time order.
         max_rows: memory bound of the batched engine (rows per layer; K is chunked).
         device: where to run (default: the supernet's device).
         checkpoint_dir: after every generation an atomic checkpoint (searcher, supernet,
@@ -267,8 +270,8 @@ def search(
     try:
         while not searcher.done:
             candidates = searcher.propose()
-            for start in range(0, len(candidates), batch_subnets):
-                group = candidates[start:start + batch_subnets]
+            for indices in prefix_groups(candidates, batch_subnets):
+                group = [candidates[i] for i in indices]
                 first = len(history)
                 if batch_subnets == 1:
                     fits = [shifter.evaluate(group[0], seed=_derive_seed(seed, first))]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import fastshift
 from fastshift.data import BatchStream, EvalSet
-from fastshift.engine import ExecutionPlan, PathStats
+from fastshift.engine import ExecutionPlan, PathStats, prefix_groups
 from fastshift.shifting import FitnessConfig, Shifter
 
 SPACE = fastshift.SearchSpace(input_size=11, stage_repeats=(2, 2), stage_channels=(16, 24),
@@ -235,8 +235,40 @@ def test_batched_search_runs_and_shifts(trained_state):
     # per generation of 8: batches of 3, 3, 2 candidates, 2 optimizer steps each
     versions = [r["supernet_version"] for r in h[:8]]
     assert versions == [2, 2, 2, 4, 4, 4, 6, 6]
+    # each generation's candidates are grouped in sorted-architecture order (prefix_groups)
+    for g in range(3):
+        archs = [tuple(r["arch"]) for r in h[8 * g:8 * g + 8]]
+        assert archs == sorted(archs)
     moved = any(not torch.equal(v, trained_state[k]) for k, v in net.state_dict().items())
     assert moved
+
+
+def test_prefix_groups_partition_in_sorted_order_and_share_more():
+    space = fastshift.spaces.spos_shufflenetv2()
+    searcher = fastshift.EvolutionSearcher(space, population=50, top_k=10, mutations=25,
+                                           crossovers=25, seed=3)
+    gen0 = searcher.propose()
+    for a in gen0:
+        searcher.record(a, {"top1_err": float(sum(a) % 7)})
+    searcher.rank(gen0)
+    archs = searcher.propose()  # mutations and crossovers of 10 parents
+    for k in (1, 3, 10, 25, 50, 64):
+        groups = prefix_groups(archs, k)
+        assert sorted(i for g in groups for i in g) == list(range(len(archs)))
+        assert all(1 <= len(g) <= k for g in groups)
+        flat = [i for g in groups for i in g]
+        if k == 1:
+            assert flat == list(range(len(archs)))
+        else:
+            assert [archs[i] for i in flat] == sorted(archs, key=tuple)
+
+    def nodes(groups):
+        return sum(ExecutionPlan([archs[i] for i in g]).total_nodes for g in groups)
+
+    in_order = [list(range(s, min(s + 10, len(archs)))) for s in range(0, len(archs), 10)]
+    assert nodes(prefix_groups(archs, 10)) < nodes(in_order)
+    with pytest.raises(ValueError, match="group size"):
+        prefix_groups(archs, 0)
 
 
 def test_plan_rejects_empty():

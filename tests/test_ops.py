@@ -217,6 +217,87 @@ def test_shuffle_cat_gradcheck_opcheck(device):
 
 
 @needs_c
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", SHUFFLE_CAT_SHAPES)
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "slices"])
+def test_shuffle_cat_pair_matches_reference(device, dtype, shape, layout):
+    """shuffle_cat_pair = channel_split(cat(a, b)) exactly, the halves of shuffle_cat, values
+    and gradients (both halves' gradients, one absent, strided ones); layout as shuffle_cat."""
+    a, b = _shuffle_inputs(device, dtype, *shape, layout)
+    a.requires_grad_(True)
+    b.requires_grad_(True)
+    lo, hi = ops.shuffle_cat_pair(a, b, backend=device)
+    ref_lo, ref_hi = reference.shuffle_cat_pair(a, b)
+    c = shape[0] + shape[1]
+    assert lo.shape == hi.shape == (shape[2], c // 2, shape[3], shape[4])
+    whole = ops.shuffle_cat(a, b, backend=device)
+    assert torch.equal(lo, whole[:, :c // 2]) and torch.equal(hi, whole[:, c // 2:])
+    torch.testing.assert_close(lo, ref_lo, **TOL[dtype])
+    torch.testing.assert_close(hi, ref_hi, **TOL[dtype])
+    if layout != "contiguous" and lo.numel():
+        assert lo.is_contiguous(memory_format=torch.channels_last)
+    if layout == "contiguous":
+        assert lo.is_contiguous() and hi.is_contiguous()
+    g_lo, g_hi = torch.randn_like(lo), torch.randn_like(hi)
+    want = torch.autograd.grad((ref_lo, ref_hi), (a, b), (g_lo, g_hi))
+    torch.testing.assert_close(torch.autograd.grad((lo, hi), (a, b), (g_lo, g_hi),
+                                                   retain_graph=True), want, **TOL[dtype])
+    # only one half used downstream: the other's gradient is zero
+    want = torch.autograd.grad(ref_hi, (a, b), g_hi, allow_unused=True)
+    got = torch.autograd.grad(hi, (a, b), g_hi, allow_unused=True, retain_graph=True)
+    for w, x in zip(want, got):
+        torch.testing.assert_close(x, w, **TOL[dtype])
+    # strided gradients (channel ranges of wider tensors), one in the other layout
+    wide = torch.randn(lo.shape[0], c + 2, *lo.shape[2:], dtype=dtype, device=device)
+    g_lo = wide.contiguous(memory_format=torch.channels_last)[:, 1:1 + c // 2]
+    g_hi = wide[:, 2:2 + c // 2]
+    torch.testing.assert_close(torch.autograd.grad((lo, hi), (a, b), (g_lo, g_hi)),
+                               torch.autograd.grad((ref_lo, ref_hi), (a, b), (g_lo, g_hi)),
+                               **TOL[dtype])
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_shuffle_cat_pair_gradcheck_opcheck(device):
+    kw = dict(dtype=torch.float64, device=device, requires_grad=True)
+    a, b = torch.randn(2, 3, 3, 5, **kw), torch.randn(2, 5, 3, 5, **kw)
+    assert torch.autograd.gradcheck(torch.ops.fastshift.shuffle_cat_pair, (a, b))
+    assert torch.autograd.gradgradcheck(torch.ops.fastshift.shuffle_cat_pair, (a, b))
+    lo, hi = torch.randn(2, 4, 3, 5, **kw), torch.randn(2, 4, 3, 5, **kw)
+    assert torch.autograd.gradcheck(
+        lambda u, v: torch.ops.fastshift.shuffle_cat_pair_backward(u, v, 3), (lo, hi))
+    assert torch.autograd.gradgradcheck(
+        lambda u, v: torch.ops.fastshift.shuffle_cat_pair_backward(u, v, 3), (lo, hi))
+    cl = torch.channels_last
+    for a, b in ((torch.randn(2, 4, 3, 3, device=device, requires_grad=True),
+                  torch.randn(2, 6, 3, 3, device=device, requires_grad=True)),
+                 (torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+                  .requires_grad_(True),
+                  torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+                  .requires_grad_(True))):
+        torch.library.opcheck(torch.ops.fastshift.shuffle_cat_pair.default, (a, b))
+        half = (a.shape[1] + b.shape[1]) // 2
+        g = [torch.randn(2, half, 3, 3, device=device).contiguous(memory_format=cl)
+             for _ in range(2)]
+        torch.library.opcheck(torch.ops.fastshift.shuffle_cat_pair_backward.default,
+                              (*g, a.shape[1]))
+
+
+@needs_c
+def test_shuffle_cat_pair_errors_are_clear():
+    z = torch.zeros
+    with pytest.raises(RuntimeError, match="channel count of cat\\(a, b\\) must be even"):
+        torch.ops.fastshift.shuffle_cat_pair(z(1, 3, 2, 2), z(1, 2, 2, 2))
+    with pytest.raises(RuntimeError, match="must have the same shape"):
+        torch.ops.fastshift.shuffle_cat_pair_backward(z(1, 2, 2, 2), z(1, 3, 2, 2), 2)
+    with pytest.raises(RuntimeError, match="split must be in"):
+        torch.ops.fastshift.shuffle_cat_pair_backward(z(1, 2, 2, 2), z(1, 2, 2, 2), 5)
+    with pytest.raises(ValueError, match="must be even"):
+        reference.shuffle_cat_pair(z(1, 3, 2, 2), z(1, 2, 2, 2))
+
+
+@needs_c
 def test_shuffle_cat_compile_parity():
     def f(a, b):
         out = torch.ops.fastshift.shuffle_cat(a, b)
@@ -225,6 +306,16 @@ def test_shuffle_cat_compile_parity():
     a, b = torch.randn(2, 3, 4, 4), torch.randn(2, 5, 4, 4)
     compiled = torch.compile(f, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(compiled(a, b), f(a, b))
+
+    def g(a, b):
+        lo, hi = torch.ops.fastshift.shuffle_cat_pair(a, b)
+        return (hi * 2 + lo).sum(1)
+
+    a.requires_grad_(True)
+    compiled = torch.compile(g, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(a, b), g(a, b))
+    torch.testing.assert_close(torch.autograd.grad(compiled(a, b).sum(), a),
+                               torch.autograd.grad(g(a, b).sum(), a))
 
 
 @needs_c

@@ -1,9 +1,11 @@
-// CPU bodies of the channel shuffle ops (channel_split, channel_interleave, shuffle_cat and its
-// backward), spread over at::parallel_for. Every op is a channel gather described as runs
-// (below); tensors that are pixel rows take a vectorised per-pixel fast path, other
-// channels-last-like tensors a per-pixel strided copy, planar ones whole-plane copies.
+// CPU bodies of the channel shuffle ops (channel_split, channel_interleave, shuffle_cat,
+// shuffle_cat_pair and their backwards), spread over at::parallel_for. Every op is a channel
+// gather described as runs (below); tensors that are pixel rows take a vectorised per-pixel
+// fast path, other channels-last-like tensors a per-pixel strided copy, planar ones
+// whole-plane copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -293,6 +295,73 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_backward_cpu(const at::Tensor& gr
   return {ga, gb};
 }
 
+// shuffle_runs with shuffle_cat's output as its two halves. Tensors: 0 lo, 1 hi, 2 a, 3 b (in
+// both directions). A run never straddles the halves (each takes channels of one parity).
+std::vector<Run> pair_runs(int64_t Ca, int64_t C, bool backward) {
+  std::vector<Run> runs = shuffle_runs(Ca, C, false);
+  for (Run& r : runs) {
+    r.dst = r.d0 >= C / 2 ? 1 : 0;
+    r.d0 -= r.dst * (C / 2);
+    r.src += 1;
+    if (backward) {
+      std::swap(r.dst, r.src);
+      std::swap(r.d0, r.s0);
+      std::swap(r.ds, r.ss);
+    }
+  }
+  return runs;
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_cpu(const at::Tensor& a, const at::Tensor& b) {
+  check_shuffle_cat(a, b);
+  const int64_t C = a.size(1) + b.size(1), h = C / 2;
+  const bool pixels = shuffle_cat_rows_last(a, b);
+  at::Tensor lo = empty_in_layout(a, h, pixels), hi = empty_in_layout(a, h, pixels);
+  if (lo.numel() == 0) return {lo, hi};
+  if (!(pixels && shuffle_rows(a, b, lo, hi, true)))
+    gather_channels({lo, hi, a, b}, pair_runs(a.size(1), C, false), pixels);
+  return {lo, hi};
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_cpu(const at::Tensor& grad_lo,
+                                                                 const at::Tensor& grad_hi,
+                                                                 int64_t split) {
+  check_shuffle_cat_pair_backward(grad_lo, grad_hi, split);
+  const int64_t C = 2 * grad_lo.size(1);
+  const bool pixels = rows_last_layout(grad_lo);
+  at::Tensor ga = empty_in_layout(grad_lo, split, pixels);
+  at::Tensor gb = empty_in_layout(grad_lo, C - split, pixels);
+  if (grad_lo.numel() == 0) return {ga, gb};
+  if (!(pixels && rows_last_layout(grad_hi) && shuffle_rows(grad_lo, grad_hi, ga, gb, false)))
+    gather_channels({grad_lo, grad_hi, ga, gb}, pair_runs(split, C, true), pixels);
+  return {ga, gb};
+}
+
+// The pair on other devices: channel_split / shuffle_cat_backward of a concatenation (their
+// device bodies; one copy more than the CPU body, which the fused blocks use).
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_composite(const at::Tensor& a,
+                                                              const at::Tensor& b) {
+  check_shuffle_cat(a, b);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastshift::channel_split", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  at::Tensor t = at::cat({a, b}, 1);
+  if (shuffle_cat_rows_last(a, b)) t = t.contiguous(at::MemoryFormat::ChannelsLast);
+  return op.call(t);
+}
+
+std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_composite(
+    const at::Tensor& grad_lo, const at::Tensor& grad_hi, int64_t split) {
+  check_shuffle_cat_pair_backward(grad_lo, grad_hi, split);
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastshift::shuffle_cat_backward", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  at::Tensor g = at::cat({grad_lo, grad_hi}, 1);
+  if (rows_last_layout(grad_lo)) g = g.contiguous(at::MemoryFormat::ChannelsLast);
+  return op.call(g, split);
+}
+
 // channel_split: (even, odd) <- x channels (0, 2, ...) and (1, 3, ...). Tensors: 0 x,
 // 1 even, 2 odd.
 std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x) {
@@ -351,9 +420,13 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
   m.impl("channel_interleave", &channel_interleave_cpu);
   m.impl("shuffle_cat", &shuffle_cat_cpu);
   m.impl("shuffle_cat_backward", &shuffle_cat_backward_cpu);
+  m.impl("shuffle_cat_pair", &shuffle_cat_pair_cpu);
+  m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {
+  m.impl("shuffle_cat_pair", &shuffle_cat_pair_composite);
+  m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_composite);
   m.impl("cuda_version", &cuda_version);
   m.impl("cuda_archs", &cuda_archs);
 }

@@ -31,8 +31,8 @@ from ._registry import BUILD_ERROR, CUDA_ARCHS, HAVE_C, conv_out_size, cpu_kerne
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
-           "channel_interleave", "shuffle_cat", "dwconv_bn", "pwconv_bn_relu", "conv_bn_chain",
-           "linear", "reference",
+           "channel_interleave", "shuffle_cat", "shuffle_cat_pair", "dwconv_bn",
+           "pwconv_bn_relu", "conv_bn_chain", "linear", "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
            "cuda_auto_backend",
            "AUTO_CUDA_MIN_ROWS", "AUTO_CUDA_MIN_NETWORK_ROWS",
@@ -183,6 +183,21 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor, backend: str | None = None) ->
     if resolve_backend(backend, a.device) == "reference":
         return reference.shuffle_cat(a, b)
     return torch.ops.fastshift.shuffle_cat.default(a, b)
+
+
+def shuffle_cat_pair(a: torch.Tensor, b: torch.Tensor, backend: str | None = None):
+    """:func:`shuffle_cat`'s output as its two halves, two tensors ``(lo, hi)``, each
+    ``[B, (Ca+Cb)/2, H, W]``: ``channel_split(cat((a, b), 1))``, the next unit's ``x_proj`` and
+    ``x_main``. Where the next unit splits a :func:`shuffle_cat` output into channel ranges,
+    autograd concatenates the ranges' gradients before ``shuffle_cat_backward``; the pair's
+    backward (``shuffle_cat_pair_backward``) reads the two gradients where they are. One copy
+    each way on the ``cpu`` backend; on other devices a ``cat`` more (it composes
+    ``channel_split``), so the fused blocks use it on the CPU only. Layout as
+    :func:`shuffle_cat`. Equivalent to ``reference.shuffle_cat_pair``.
+    """
+    if resolve_backend(backend, a.device) == "reference":
+        return reference.shuffle_cat_pair(a, b)
+    return torch.ops.fastshift.shuffle_cat_pair.default(a, b)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -100,6 +100,29 @@ if HAVE_C:
                 torch.empty((n, c - split, h, w), dtype=grad.dtype, device=grad.device,
                             memory_format=fmt))
 
+    @torch.library.register_fake("fastshift::shuffle_cat_pair")
+    def _shuffle_cat_pair_fake(a, b):
+        torch._check(a.dim() == 4 and b.dim() == 4,
+                     lambda: "shuffle_cat_pair: a and b must be 4-D")
+        torch._check((a.shape[1] + b.shape[1]) % 2 == 0,
+                     lambda: "shuffle_cat_pair: channel count must be even")
+        shape = (a.shape[0], (a.shape[1] + b.shape[1]) // 2, a.shape[2], a.shape[3])
+        fmt = suggest_memory_format(a if a.shape[1] else b)
+        return tuple(torch.empty(shape, dtype=a.dtype, device=a.device, memory_format=fmt)
+                     for _ in range(2))
+
+    @torch.library.register_fake("fastshift::shuffle_cat_pair_backward")
+    def _shuffle_cat_pair_backward_fake(grad_lo, grad_hi, split):
+        torch._check(grad_lo.dim() == 4 and grad_lo.shape == grad_hi.shape,
+                     lambda: "shuffle_cat_pair_backward: grad_lo and grad_hi must be 4-D of "
+                     "one shape")
+        n, c, h, w = grad_lo.shape
+        fmt = suggest_memory_format(grad_lo)
+        return (torch.empty((n, split, h, w), dtype=grad_lo.dtype, device=grad_lo.device,
+                            memory_format=fmt),
+                torch.empty((n, 2 * c - split, h, w), dtype=grad_lo.dtype,
+                            device=grad_lo.device, memory_format=fmt))
+
     @torch.library.register_fake("fastshift::linear")
     def _linear_fake(x, weight):
         torch._check(x.dim() == 2 and weight.dim() == 2,

@@ -27,6 +27,18 @@ def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, 0::2], x[:, 1::2]
 
 
+def shuffle_cat_pair(a: torch.Tensor, b: torch.Tensor):
+    """:func:`shuffle_cat`'s two halves as two tensors: ``channel_split(cat((a, b), 1))``,
+    a ShuffleNetV2 unit's concat and the next unit's split (``x_proj``, ``x_main``)."""
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(f"shuffle_cat_pair: a and b must be 4-D, got shapes {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if (a.shape[1] + b.shape[1]) % 2:
+        raise ValueError("shuffle_cat_pair: the channel count of cat(a, b) must be even, got "
+                         f"{a.shape[1] + b.shape[1]}")
+    return channel_split(torch.cat((a, b), 1))
+
+
 def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`channel_split`: ``out[:, 0::2] = even``, ``out[:, 1::2] = odd``."""
     if even.shape != odd.shape or even.dim() != 4:
