@@ -246,8 +246,8 @@ void dw_layer_backward(const RowChunks& ch, const DwShape& s, const T* gp, const
   if (training)
     grad_stats<T>(ch, false, gp, yp, pixels, C, double(ch.rows_per_group * pixels), a, b);
   const std::unique_ptr<T[]> dw_part = scratch<T>(std::max<int64_t>(slices, 1) * taps);
-  at::parallel_for(0, slices, 1, [&](int64_t b0, int64_t e0) {
-    const std::unique_ptr<T[]> buf = scratch<T>(out_img + pad_img);
+  parallel_ranges(slices, [&] { return scratch<T>(out_img + pad_img); },
+                  [&](int64_t b0, int64_t e0, const std::unique_ptr<T[]>& buf) {
     T* dz = buf.get();
     T* pad = dz + out_img;
     for (int64_t j = b0; j < e0; ++j) {
@@ -363,7 +363,7 @@ void product_grid(const T* a, const T* b, T* out, int64_t M, int64_t K, int64_t 
                   int64_t columns) {
   const int64_t rb = (M + kProductRows - 1) / kProductRows;
   const int64_t cb = columns > 0 ? (N + columns - 1) / columns : 0;
-  at::parallel_for(0, rb * cb, 1, [&](int64_t t0, int64_t t1) {
+  parallel_ranges(rb * cb, [] { return 0; }, [&](int64_t t0, int64_t t1, int) {
     for (int64_t t = t0; t < t1;) {
       const int64_t i0 = t % rb, i1 = std::min(rb, i0 + (t1 - t)), n0 = t / rb * columns;
       const int64_t r0 = i0 * kProductRows, r1 = std::min(M, i1 * kProductRows);
@@ -968,8 +968,8 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const T* ap = shuffled ? a.const_data_ptr<T>() : nullptr;
-    at::parallel_for(0, ch.count(), 1, [&](int64_t b0, int64_t b1) {
-      const std::unique_ptr<T[]> scratch_all = scratch<T>(3 * buffer + pad + Cout);
+    parallel_ranges(ch.count(), [&] { return scratch<T>(3 * buffer + pad + Cout); },
+                    [&](int64_t b0, int64_t b1, const std::unique_ptr<T[]>& scratch_all) {
       T* bufs[3] = {scratch_all.get(), scratch_all.get() + buffer,
                     scratch_all.get() + 2 * buffer};
       T* padp = scratch_all.get() + 3 * buffer;

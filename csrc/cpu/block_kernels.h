@@ -10,6 +10,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -41,9 +42,48 @@ inline RowChunks make_chunks(int64_t rows, int64_t groups) {
   return {groups, n, per};
 }
 
+// Tasks [0, n) in contiguous ranges over the threads, balanced while they run: with two
+// threads (the development machine's count) one claims ranges from the front and the other
+// from the back, each claim a quarter of what is left (at least one task), until they meet,
+// so a thread that is slowed (a larger share of uneven tasks, a slower core or cache, a late
+// start) takes fewer tasks; at::parallel_for's static halves left the faster thread waiting
+// (4.5 ms of a 64 ms training step, measured per region). Other thread counts: the static
+// split. f(b, e, state) runs for each claimed range, state = init() made once per thread.
+// Which thread runs a task never changes what the task computes.
+template <typename Init, typename F>
+void parallel_ranges(int64_t n, const Init& init, const F& f) {
+  if (n <= 0) return;
+  if (n == 1 || n >= (int64_t(1) << 31) || at::get_num_threads() != 2 ||
+      at::in_parallel_region()) {
+    at::parallel_for(0, n, 1, [&](int64_t b, int64_t e) {
+      auto state = init();
+      f(b, e, state);
+    });
+    return;
+  }
+  std::atomic<uint64_t> range{uint64_t(n)};  // unclaimed [front, back): front << 32 | back
+  at::parallel_for(0, 2, 1, [&](int64_t r0, int64_t r1) {
+    auto state = init();
+    for (int64_t role = r0; role < r1; ++role) {  // 0: from the front, 1: from the back
+      uint64_t cur = range.load();
+      while (true) {
+        const int64_t front = int64_t(cur >> 32), back = int64_t(cur & 0xffffffffu);
+        if (front >= back) break;
+        const int64_t take = std::max<int64_t>(1, (back - front) / 4);
+        const uint64_t next = role == 0 ? (uint64_t(front + take) << 32) | uint64_t(back)
+                                        : (uint64_t(front) << 32) | uint64_t(back - take);
+        if (!range.compare_exchange_weak(cur, next)) continue;
+        if (role == 0) f(front, front + take, state);
+        else f(back - take, back, state);
+        cur = range.load();
+      }
+    }
+  });
+}
+
 template <typename F>
 void for_chunks(const RowChunks& ch, const F& f) {
-  at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
+  parallel_ranges(ch.count(), [] { return 0; }, [&](int64_t b, int64_t e, int) {
     for (int64_t i = b; i < e; ++i) f(i);
   });
 }
@@ -54,14 +94,14 @@ std::unique_ptr<T[]> scratch(int64_t n) {
   return std::unique_ptr<T[]>(new T[std::max<int64_t>(n, 1)]);
 }
 
-// for_chunks with `n` elements of scratch per task, f(i, scratch): one allocation per range of
-// chunks a thread takes, not one per chunk.
+// for_chunks with `n` elements of scratch per task, f(i, scratch): one allocation per thread,
+// not one per chunk.
 template <typename T, typename F>
 void for_chunks_scratch(const RowChunks& ch, int64_t n, const F& f) {
-  at::parallel_for(0, ch.count(), 1, [&](int64_t b, int64_t e) {
-    const std::unique_ptr<T[]> buf = scratch<T>(n);
-    for (int64_t i = b; i < e; ++i) f(i, buf.get());
-  });
+  parallel_ranges(ch.count(), [&] { return scratch<T>(n); },
+                  [&](int64_t b, int64_t e, const std::unique_ptr<T[]>& buf) {
+                    for (int64_t i = b; i < e; ++i) f(i, buf.get());
+                  });
 }
 
 // A block of channels: NV values of type V (a vector of T, or T itself).
