@@ -193,6 +193,17 @@ def test_shuffle_cat_matches_reference(device, dtype, shape, layout):
                                torch.autograd.grad(ref, (a, b), g), **TOL[dtype])
 
 
+def _opcheck_pairs(device):
+    """(a, b) for opcheck: NCHW of unequal widths, and channels-last halves."""
+    cl = torch.channels_last
+    return ((torch.randn(2, 4, 3, 3, device=device, requires_grad=True),
+             torch.randn(2, 6, 3, 3, device=device, requires_grad=True)),
+            (torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+             .requires_grad_(True),
+             torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
+             .requires_grad_(True)))
+
+
 @needs_c
 @pytest.mark.parametrize("device", DEVICES)
 def test_shuffle_cat_gradcheck_opcheck(device):
@@ -203,13 +214,7 @@ def test_shuffle_cat_gradcheck_opcheck(device):
     g = torch.randn(2, 8, 3, 5, **kw)
     assert torch.autograd.gradcheck(lambda t: torch.ops.fastshift.shuffle_cat_backward(t, 3),
                                     (g,))
-    cl = torch.channels_last
-    for a, b in ((torch.randn(2, 4, 3, 3, device=device, requires_grad=True),
-                  torch.randn(2, 6, 3, 3, device=device, requires_grad=True)),
-                 (torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
-                  .requires_grad_(True),
-                  torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
-                  .requires_grad_(True))):
+    for a, b in _opcheck_pairs(device):
         torch.library.opcheck(torch.ops.fastshift.shuffle_cat.default, (a, b))
         grad = torch.randn(2, a.shape[1] + b.shape[1], 3, 3, device=device)
         torch.library.opcheck(torch.ops.fastshift.shuffle_cat_backward.default,
@@ -269,17 +274,11 @@ def test_shuffle_cat_pair_gradcheck_opcheck(device):
         lambda u, v: torch.ops.fastshift.shuffle_cat_pair_backward(u, v, 3), (lo, hi))
     assert torch.autograd.gradgradcheck(
         lambda u, v: torch.ops.fastshift.shuffle_cat_pair_backward(u, v, 3), (lo, hi))
-    cl = torch.channels_last
-    for a, b in ((torch.randn(2, 4, 3, 3, device=device, requires_grad=True),
-                  torch.randn(2, 6, 3, 3, device=device, requires_grad=True)),
-                 (torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
-                  .requires_grad_(True),
-                  torch.randn(2, 4, 3, 3, device=device).contiguous(memory_format=cl)
-                  .requires_grad_(True))):
+    for a, b in _opcheck_pairs(device):
         torch.library.opcheck(torch.ops.fastshift.shuffle_cat_pair.default, (a, b))
         half = (a.shape[1] + b.shape[1]) // 2
-        g = [torch.randn(2, half, 3, 3, device=device).contiguous(memory_format=cl)
-             for _ in range(2)]
+        g = [torch.randn(2, half, 3, 3, device=device).contiguous(
+            memory_format=torch.channels_last) for _ in range(2)]
         torch.library.opcheck(torch.ops.fastshift.shuffle_cat_pair_backward.default,
                               (*g, a.shape[1]))
 

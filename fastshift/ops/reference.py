@@ -27,15 +27,19 @@ def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return x[:, 0::2], x[:, 1::2]
 
 
+def _check_shuffle_cat(name: str, a: torch.Tensor, b: torch.Tensor):
+    if a.dim() != 4 or b.dim() != 4:
+        raise ValueError(f"{name}: a and b must be 4-D, got shapes {tuple(a.shape)} and "
+                         f"{tuple(b.shape)}")
+    if (a.shape[1] + b.shape[1]) % 2:
+        raise ValueError(f"{name}: the channel count of cat(a, b) must be even, got "
+                         f"{a.shape[1] + b.shape[1]}")
+
+
 def shuffle_cat_pair(a: torch.Tensor, b: torch.Tensor):
     """:func:`shuffle_cat`'s two halves as two tensors: ``channel_split(cat((a, b), 1))``,
     a ShuffleNetV2 unit's concat and the next unit's split (``x_proj``, ``x_main``)."""
-    if a.dim() != 4 or b.dim() != 4:
-        raise ValueError(f"shuffle_cat_pair: a and b must be 4-D, got shapes {tuple(a.shape)} "
-                         f"and {tuple(b.shape)}")
-    if (a.shape[1] + b.shape[1]) % 2:
-        raise ValueError("shuffle_cat_pair: the channel count of cat(a, b) must be even, got "
-                         f"{a.shape[1] + b.shape[1]}")
+    _check_shuffle_cat("shuffle_cat_pair", a, b)
     return channel_split(torch.cat((a, b), 1))
 
 
@@ -56,12 +60,7 @@ def shuffle_cat(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     even), returns ``cat(channel_split(t), 1)``, i.e. ``out[:, :C/2] = t[:, 0::2]`` and
     ``out[:, C/2:] = t[:, 1::2]``. The next unit's two halves are then the channel ranges
     ``out[:, :C/2]`` and ``out[:, C/2:]``."""
-    if a.dim() != 4 or b.dim() != 4:
-        raise ValueError(f"shuffle_cat: a and b must be 4-D, got shapes {tuple(a.shape)} and "
-                         f"{tuple(b.shape)}")
-    if (a.shape[1] + b.shape[1]) % 2:
-        raise ValueError("shuffle_cat: the channel count of cat(a, b) must be even, got "
-                         f"{a.shape[1] + b.shape[1]}")
+    _check_shuffle_cat("shuffle_cat", a, b)
     return torch.cat(channel_split(torch.cat((a, b), 1)), 1)
 
 
