@@ -29,7 +29,7 @@ from .blocks import run_fused, run_head, run_sequential, uses_fused
 from .ops import resolve_backend
 from .ops.reference import grouped_batch_norm
 
-__all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks"]
+__all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks", "prefix_groups"]
 
 
 class ExecutionPlan:
