@@ -135,12 +135,6 @@ const c10::TypedOperatorHandle<PairBwdFn>& pair_backward_op() {
   return op;
 }
 
-// An absent gradient of one of two same-shaped tensors: zeros like the other (both absent
-// does not reach a backward).
-std::pair<at::Tensor, at::Tensor> both_defined(const at::Tensor& x, const at::Tensor& y) {
-  return {x.defined() ? x : at::zeros_like(y), y.defined() ? y : at::zeros_like(x)};
-}
-
 struct ShuffleCatPair : torch::autograd::Function<ShuffleCatPair> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& a, const at::Tensor& b) {
     ctx->saved_data["split"] = a.size(1);
@@ -149,32 +143,21 @@ struct ShuffleCatPair : torch::autograd::Function<ShuffleCatPair> {
     return {lo, hi};
   }
   static variable_list backward(AutogradContext* ctx, variable_list g) {
-    auto [lo, hi] = both_defined(g[0], g[1]);
-    auto [ga, gb] = pair_backward_op().call(lo, hi, ctx->saved_data["split"].toInt());
+    // an unused half's gradient arrives as zeros (the Function materializes absent ones)
+    auto [ga, gb] = pair_backward_op().call(g[0], g[1], ctx->saved_data["split"].toInt());
     return {ga, gb};
   }
 };
 
 struct ShuffleCatPairBackward : torch::autograd::Function<ShuffleCatPairBackward> {
-  static variable_list forward(AutogradContext* ctx, const at::Tensor& lo, const at::Tensor& hi,
+  static variable_list forward(AutogradContext*, const at::Tensor& lo, const at::Tensor& hi,
                                int64_t split) {
     at::AutoDispatchBelowADInplaceOrView guard;
     auto [ga, gb] = pair_backward_op().call(lo, hi, split);
-    ctx->saved_data["split"] = split;
-    ctx->saved_data["channels"] = 2 * lo.size(1);
     return {ga, gb};
   }
-  static variable_list backward(AutogradContext* ctx, variable_list g) {
-    // g[0] [B, split, H, W] and g[1] [B, C - split, H, W]: zeros of its own shape where one
-    // is absent
-    const int64_t split = ctx->saved_data["split"].toInt();
-    const int64_t C = ctx->saved_data["channels"].toInt();
-    auto zeros = [](const at::Tensor& like, int64_t c) {
-      return at::zeros({like.size(0), c, like.size(2), like.size(3)}, like.options());
-    };
-    const at::Tensor ga = g[0].defined() ? g[0] : zeros(g[1], split);
-    const at::Tensor gb = g[1].defined() ? g[1] : zeros(g[0], C - split);
-    auto [lo, hi] = pair_op().call(ga, gb);
+  static variable_list backward(AutogradContext*, variable_list g) {
+    auto [lo, hi] = pair_op().call(g[0], g[1]);
     return grads({lo, hi}, 1);
   }
 };

@@ -112,14 +112,14 @@ class PathStats:
         self.rows: dict[tuple[str, tuple], tuple[torch.Tensor, torch.Tensor]] = {}
         self._updated: set | None = None
 
+    def _row(self, name: str, prefix) -> tuple[torch.Tensor, torch.Tensor]:
+        """The stored ``[C]`` statistics of (module, prefix), else the initial ones (not
+        copies)."""
+        return self.rows.get((name, prefix), self.initial[name])
+
     def gather(self, name: str, prefixes) -> tuple[torch.Tensor, torch.Tensor]:
-        mean0, var0 = self.initial[name]
-        means, vars_ = [], []
-        for p in prefixes:
-            m, v = self.rows.get((name, p), (mean0, var0))
-            means.append(m)
-            vars_.append(v)
-        return torch.stack(means), torch.stack(vars_)
+        rows = [self._row(name, p) for p in prefixes]
+        return torch.stack([m for m, _ in rows]), torch.stack([v for _, v in rows])
 
     def begin_step(self):
         """Start a training step: from now on each (module, prefix) takes one running-statistics
@@ -162,8 +162,7 @@ class PathStats:
             if not training and len(prefixes) == 1:
                 # read only: the stored row itself as [1, C] (a view; the depth-first
                 # evaluation asks once per node and BN)
-                mean0, var0 = self.initial[name]
-                mean, var = self.rows.get((name, prefixes[0]), (mean0, var0))
+                mean, var = self._row(name, prefixes[0])
                 return mean.unsqueeze(0), var.unsqueeze(0), 1, lambda: None
             mean, var = self.gather(name, prefixes)
 
@@ -206,10 +205,15 @@ class PathStats:
                 module.num_batches_tracked += 1
 
 
+def _sorted_order(archs) -> list[int]:
+    """Indices of ``archs`` in sorted-architecture order (shared prefixes adjacent)."""
+    return sorted(range(len(archs)), key=lambda i: tuple(archs[i]))
+
+
 def plan_chunks(archs, batch_size: int, max_rows: int | None):
     """Split architecture indices into consecutive chunks (in sorted-arch order, which keeps
     shared prefixes together) whose widest layer holds at most ``max_rows`` rows."""
-    order = sorted(range(len(archs)), key=lambda k: tuple(archs[k]))
+    order = _sorted_order(archs)
     if max_rows is None:
         return [order]
     max_nodes = max(1, max_rows // max(batch_size, 1))
@@ -235,8 +239,7 @@ def prefix_groups(archs, k: int) -> list[list[int]]:
     the given order (one candidate per group, nothing to share)."""
     if k < 1:
         raise ValueError(f"group size must be positive, got {k}")
-    order = (list(range(len(archs))) if k == 1
-             else sorted(range(len(archs)), key=lambda i: tuple(archs[i])))
+    order = list(range(len(archs))) if k == 1 else _sorted_order(archs)
     return [order[s:s + k] for s in range(0, len(order), k)]
 
 

@@ -46,8 +46,8 @@ inline RowChunks make_chunks(int64_t rows, int64_t groups) {
 // threads (the development machine's count) one claims ranges from the front and the other
 // from the back, each claim a quarter of what is left (at least one task), until they meet,
 // so a thread that is slowed (a larger share of uneven tasks, a slower core or cache, a late
-// start) takes fewer tasks; at::parallel_for's static halves left the faster thread waiting
-// (4.5 ms of a 64 ms training step, measured per region). Other thread counts: the static
+// start) takes fewer tasks (against at::parallel_for's static halves: -1.2 % per K = 25
+// batched training step, the sequential step unchanged). Other thread counts: the static
 // split. f(b, e, state) runs for each claimed range, state = init() made once per thread.
 // Which thread runs a task never changes what the task computes.
 template <typename Init, typename F>

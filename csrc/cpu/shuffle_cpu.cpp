@@ -5,7 +5,6 @@
 // whole-plane copies.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +12,7 @@
 #include <cstring>
 #include <vector>
 
+#include "../op_signatures.h"
 #include "../shuffle_checks.h"
 #include "multiversion.h"
 #include "shuffle_kernels.h"
@@ -342,9 +342,8 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_cpu(const at::Tenso
 std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_composite(const at::Tensor& a,
                                                               const at::Tensor& b) {
   check_shuffle_cat(a, b);
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("fastshift::channel_split", "")
-                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>();
+  static const auto op =
+      op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&)>("channel_split");
   at::Tensor t = at::cat({a, b}, 1);
   if (shuffle_cat_rows_last(a, b)) t = t.contiguous(at::MemoryFormat::ChannelsLast);
   return op.call(t);
@@ -353,10 +352,8 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_composite(const at::Tensor& 
 std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_composite(
     const at::Tensor& grad_lo, const at::Tensor& grad_hi, int64_t split) {
   check_shuffle_cat_pair_backward(grad_lo, grad_hi, split);
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("fastshift::shuffle_cat_backward", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>();
+  static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t)>(
+      "shuffle_cat_backward");
   at::Tensor g = at::cat({grad_lo, grad_hi}, 1);
   if (rows_last_layout(grad_lo)) g = g.contiguous(at::MemoryFormat::ChannelsLast);
   return op.call(g, split);
