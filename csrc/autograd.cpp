@@ -175,6 +175,81 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_autograd(const at::
   return {out[0], out[1]};
 }
 
+// ---- shuffle_regroup / shuffle_regroup_backward: a linear map and its adjoint -------------
+
+using RegroupFn = std::vector<at::Tensor>(at::TensorList, at::TensorList, at::IntArrayRef,
+                                          int64_t);
+using RegroupBwdFn = std::vector<at::Tensor>(at::TensorList, at::IntArrayRef, int64_t,
+                                             at::IntArrayRef, int64_t);
+
+const c10::TypedOperatorHandle<RegroupFn>& regroup_op() {
+  static const auto op = op_handle<RegroupFn>("shuffle_regroup");
+  return op;
+}
+
+const c10::TypedOperatorHandle<RegroupBwdFn>& regroup_backward_op() {
+  static const auto op = op_handle<RegroupBwdFn>("shuffle_regroup_backward");
+  return op;
+}
+
+struct ShuffleRegroup : torch::autograd::Function<ShuffleRegroup> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList a, at::TensorList b,
+                               at::IntArrayRef routes, int64_t batch) {
+    std::vector<int64_t> rows;
+    for (const at::Tensor& t : a) rows.push_back(t.size(0));
+    ctx->saved_data["routes"] = routes.vec();
+    ctx->saved_data["rows"] = rows;
+    ctx->saved_data["batch"] = batch;
+    ctx->saved_data["split"] = a.empty() ? int64_t(0) : a[0].size(1);
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return regroup_op().call(a, b, routes, batch);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    // absent gradients arrive as zeros (the Function materializes them)
+    const std::vector<int64_t> routes = ctx->saved_data["routes"].toIntVector();
+    const std::vector<int64_t> rows = ctx->saved_data["rows"].toIntVector();
+    const std::vector<at::Tensor> ab = regroup_backward_op().call(
+        g, routes, ctx->saved_data["batch"].toInt(), rows, ctx->saved_data["split"].toInt());
+    variable_list out(ab.size());  // forward's inputs: every a, then every b
+    const size_t n = ab.size() / 2;
+    for (size_t i = 0; i < n; ++i) {
+      out[i] = ab[2 * i];
+      out[n + i] = ab[2 * i + 1];
+    }
+    return grads(out, 2);
+  }
+};
+
+struct ShuffleRegroupBackward : torch::autograd::Function<ShuffleRegroupBackward> {
+  static variable_list forward(AutogradContext* ctx, at::TensorList g, at::IntArrayRef routes,
+                               int64_t batch, at::IntArrayRef rows, int64_t split) {
+    ctx->saved_data["routes"] = routes.vec();
+    ctx->saved_data["batch"] = batch;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return regroup_backward_op().call(g, routes, batch, rows, split);
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    std::vector<at::Tensor> a, b;
+    for (size_t i = 0; i + 1 < g.size(); i += 2) {
+      a.push_back(g[i]);
+      b.push_back(g[i + 1]);
+    }
+    const std::vector<int64_t> routes = ctx->saved_data["routes"].toIntVector();
+    return grads(regroup_op().call(a, b, routes, ctx->saved_data["batch"].toInt()), 4);
+  }
+};
+
+std::vector<at::Tensor> shuffle_regroup_autograd(at::TensorList a, at::TensorList b,
+                                                 at::IntArrayRef routes, int64_t batch) {
+  return ShuffleRegroup::apply(a, b, routes, batch);
+}
+
+std::vector<at::Tensor> shuffle_regroup_backward_autograd(at::TensorList g,
+                                                          at::IntArrayRef routes, int64_t batch,
+                                                          at::IntArrayRef rows, int64_t split) {
+  return ShuffleRegroupBackward::apply(g, routes, batch, rows, split);
+}
+
 at::Tensor shuffle_cat_autograd(const at::Tensor& a, const at::Tensor& b) {
   return ShuffleCat::apply(a, b)[0];
 }
@@ -375,6 +450,8 @@ TORCH_LIBRARY_IMPL(fastshift, Autograd, m) {
   m.impl("shuffle_cat_backward", &shuffle_cat_backward_autograd);
   m.impl("shuffle_cat_pair", &shuffle_cat_pair_autograd);
   m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_autograd);
+  m.impl("shuffle_regroup", &shuffle_regroup_autograd);
+  m.impl("shuffle_regroup_backward", &shuffle_regroup_backward_autograd);
   m.impl("linear", &linear_autograd);
   m.impl("dwconv_bn", &dwconv_bn_autograd<0>);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_autograd<0>);

@@ -44,6 +44,19 @@ TORCH_LIBRARY(fastshift, m) {
   // (grad_a, grad_b) = shuffle_cat_backward(cat(grad_lo, grad_hi), split).
   m.def("shuffle_cat_pair_backward(Tensor grad_lo, Tensor grad_hi, int split) -> "
         "(Tensor, Tensor)");
+  // The batched engine's hand-over between layers: shuffle_cat_pair of row blocks gathered
+  // from several sources. Sources i: a[i] [R_i, Ca, H, W], b[i] [R_i, Cb, H, W] (same Ca, Cb,
+  // H, W), each a stack of R_i / batch row blocks. routes: for each destination its run count
+  // n, then n triples (source, first block, end block); returns [lo_0, hi_0, lo_1, hi_1, ...]
+  // with (lo_d, hi_d) = shuffle_cat_pair(cat of a's runs, cat of b's runs) [rows_d, C/2, H, W]
+  // (C = Ca + Cb). One copy straight into the next layer's inputs on the CPU (other devices
+  // compose narrow, cat and shuffle_cat_pair). Layout as shuffle_cat.
+  m.def("shuffle_regroup(Tensor[] a, Tensor[] b, int[] routes, int batch) -> Tensor[]");
+  // Backward of shuffle_regroup: grads [grad_lo_0, grad_hi_0, ...] of its outputs, rows the
+  // sources' R_i, split = Ca -> [grad_a_0, grad_b_0, ...]: a block's gradient is the sum, in
+  // destination order, over the runs that took it (zero where none did).
+  m.def("shuffle_regroup_backward(Tensor[] grads, int[] routes, int batch, int[] rows, "
+        "int split) -> Tensor[]");
   // Depthwise conv (k x k, odd k, stride 1 or 2, padding k / 2, no bias) + BatchNorm without
   // affine, over `groups` equal row groups of x [R, C, H, W] with their own statistics.
   // training: batch statistics per group, returned as mean/var [G, C] (var biased);

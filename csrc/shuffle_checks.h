@@ -3,6 +3,8 @@
 
 #include <ATen/ATen.h>
 
+#include <vector>
+
 namespace fastshift {
 
 inline void check_channel_split(const at::Tensor& x) {
@@ -54,6 +56,43 @@ inline void check_shuffle_cat_pair_backward(const at::Tensor& lo, const at::Tens
               "device");
   TORCH_CHECK(split >= 0 && split <= 2 * lo.size(1), "shuffle_cat_pair_backward: split must "
               "be in [0, ", 2 * lo.size(1), "], got ", split);
+}
+
+// shuffle_regroup's routes: for each destination its run count n, then n triples (source,
+// first row block, end row block) in blocks of `batch` rows. Parsed and checked against the
+// sources' block counts; returns the destinations' runs.
+struct RegroupRun {
+  int64_t src, b0, b1;
+};
+
+inline std::vector<std::vector<RegroupRun>> parse_regroup_routes(
+    const char* op, at::IntArrayRef routes, const std::vector<int64_t>& blocks) {
+  std::vector<std::vector<RegroupRun>> dest;
+  size_t k = 0;
+  while (k < routes.size()) {
+    const int64_t n = routes[k++];
+    TORCH_CHECK(n >= 0 && k + 3 * size_t(n) <= routes.size(), op, ": routes must hold, per "
+                "destination, a run count n and n triples (source, first block, end block); "
+                "destination ", dest.size(), " is cut short");
+    std::vector<RegroupRun> runs;
+    for (int64_t r = 0; r < n; ++r, k += 3) {
+      const int64_t i = routes[k], b0 = routes[k + 1], b1 = routes[k + 2];
+      TORCH_CHECK(i >= 0 && i < int64_t(blocks.size()), op, ": run ", r, " of destination ",
+                  dest.size(), " names source ", i, " of ", blocks.size());
+      TORCH_CHECK(0 <= b0 && b0 < b1 && b1 <= blocks[i], op, ": run ", r, " of destination ",
+                  dest.size(), " takes row blocks [", b0, ", ", b1, ") of source ", i,
+                  ", which has ", blocks[i]);
+      runs.push_back({i, b0, b1});
+    }
+    dest.push_back(std::move(runs));
+  }
+  return dest;
+}
+
+inline void check_regroup_batch(const char* op, int64_t batch, int64_t rows, size_t i) {
+  TORCH_CHECK(batch > 0, op, ": batch must be positive, got ", batch);
+  TORCH_CHECK(rows % batch == 0, op, ": source ", i, " has ", rows,
+              " rows, not a multiple of batch ", batch);
 }
 
 // Position in shuffle_cat's output of channel c of t = cat(a, b) (C channels): even channels

@@ -235,7 +235,7 @@ class _Unit(nn.Module):
 
 
     def forward_fused(self, x, norm_stats, training: bool, *, shuffled_in: bool = False,
-                      shuffle_out: bool = False, pair: bool = False):
+                      shuffle_out: bool = False, pair: bool = False, parts: bool = False):
         """``forward`` (or ``forward_grouped``) through the fused ops (:func:`run_fused`),
         channels-last.
 
@@ -246,6 +246,9 @@ class _Unit(nn.Module):
         following stride-1 unit (``ops.shuffle_cat``: the concat and that unit's split in one
         copy); with ``pair`` as its two halves (``ops.shuffle_cat_pair``), so that the
         backward never concatenates the halves' gradients (the training path on the CPU).
+        With ``parts`` instead of ``pair`` the unit returns ``(a, main branch)`` unshuffled
+        (``a``: x_proj for stride 1, the projection branch for stride 2), for the caller to
+        shuffle and regroup in one copy (``ops.shuffle_regroup``, the batched engine).
         Without both flags x and the result are in the modules' channel order; with them the
         values are the same channels permuted (``split_ready`` says where each applies).
         """
@@ -267,9 +270,9 @@ class _Unit(nn.Module):
                                  "split-ready (see blocks.split_ready)")
             a = run_fused(self.branch_proj, x, norm_stats, training, self.backend)
             b_in = x
-        if shuffle_out and pair:
+        if shuffle_out and (pair or parts):
             b = run_fused(self.branch_main, b_in, norm_stats, training, self.backend)
-            return ops.shuffle_cat_pair(a, b, backend=self.backend)
+            return (a, b) if parts else ops.shuffle_cat_pair(a, b, backend=self.backend)
         if shuffle_out:  # shuffle_cat(a, main branch), from the branch's chunks in CPU eval
             return run_fused(self.branch_main, b_in, norm_stats, training, self.backend,
                              shuffle_with=a)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .blocks import run_fused, run_head, run_sequential, uses_fused
-from .ops import resolve_backend
+from .ops import resolve_backend, shuffle_regroup
 from .ops.reference import grouped_batch_norm
 
 __all__ = ["ExecutionPlan", "PathStats", "forward_many", "plan_chunks", "prefix_groups"]
@@ -337,14 +337,15 @@ def conv_channels_last(m: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
 
 
 def _block(net, layer: int, choice: int, x, prefixes, stats: PathStats, training: bool,
-           fused: bool, pair: bool = False):
+           fused: bool, parts: bool = False):
     """Choice ``choice`` of ``layer`` on the stacked rows of ``prefixes`` (one row group each);
-    ``pair``: split-ready outputs as their two halves (``blocks._Unit.forward_fused``)."""
+    ``parts``: a unit followed by a stride-1 unit returns its unshuffled ``(a, main branch)``
+    and the input may be a pair of halves (``blocks._Unit.forward_fused``)."""
     block = net.features[layer][choice]
     if fused:
         shuffled_in, shuffle_out = net.unit_layouts[layer]
         return block.forward_fused(x, stats.norm_stats(prefixes, training), training,
-                                   shuffled_in=shuffled_in, shuffle_out=shuffle_out, pair=pair)
+                                   shuffled_in=shuffled_in, shuffle_out=shuffle_out, parts=parts)
     return block.forward_grouped(x, stats.batch_norm(prefixes, training), conv_channels_last)
 
 
@@ -395,13 +396,15 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     if not torch.is_grad_enabled():
         return _run_depth_first(net, x, plan, stats, fused)
     batch = x.shape[0]
-    # split-ready unit outputs as two halves on the CPU (their gradients never concatenated)
+    # On the CPU a unit followed by a stride-1 unit returns its two parts (a, main branch)
+    # unshuffled, and one ops.shuffle_regroup per layer writes them shuffled straight into the
+    # next layer's group inputs as their two halves (x_proj, x_main): one copy each way, the
+    # halves' gradients never concatenated.
     pair = fused and resolve_backend(net.backend, x.device) == "cpu"
-    # The previous layer's output stays as its per-choice outputs (`outs`, in node order); a
-    # group's input is a row slice of one of them when its parents are consecutive rows there,
-    # else a concatenation of just its parents' rows (_Regroup, whose backward writes each
-    # output's gradient once; once per half for pairs); the whole layer is concatenated only
-    # for the tail.
+    # Otherwise the previous layer's output stays as its per-choice outputs (`outs`, in node
+    # order); a group's input is a row slice of one of them when its parents are consecutive
+    # rows there, else a concatenation of just its parents' rows (_Regroup, whose backward
+    # writes each output's gradient once); the whole layer is concatenated only for the tail.
     outs = [_stem(net, x, stats, training)]
     for layer, groups in enumerate(plan.levels):
         owner = []  # node -> (index of its output in outs, row block within it)
@@ -409,15 +412,17 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
             rows = (out[0] if isinstance(out, tuple) else out).shape[0]
             owner.extend((i, j) for j in range(rows // batch))
         routes = [_runs(parent_rows, owner) for _, parent_rows, _ in groups]
-        if isinstance(outs[0], tuple):
-            inputs = list(zip(_Regroup.apply(batch, routes, *(o[0] for o in outs)),
-                              _Regroup.apply(batch, routes, *(o[1] for o in outs))))
+        if isinstance(outs[0], tuple):  # units' (a, main branch): shuffled and regrouped
+            flat = [v for runs in routes for v in (len(runs), *(x for r in runs for x in r))]
+            halves = shuffle_regroup([o[0] for o in outs], [o[1] for o in outs], flat, batch,
+                                     backend=net.backend)
+            inputs = list(zip(halves[0::2], halves[1::2]))
         else:
             inputs = _Regroup.apply(batch, routes, *outs)
         layer_outs = []
         for (choice, _, prefixes), inp in zip(groups, inputs):
             layer_outs.append(_block(net, layer, choice, inp, prefixes, stats, training, fused,
-                                     pair))
+                                     parts=pair))
             plan.computed.extend((layer, p) for p in prefixes)
         outs = layer_outs
     act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)

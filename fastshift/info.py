@@ -16,6 +16,8 @@ FUSED_OPS = {"dwconv_bn": ["cpu", "cuda", "triton"], "pwconv_bn_relu": ["cpu", "
              "channel_split": ["cpu", "cuda"], "channel_interleave": ["cpu", "cuda"],
              "shuffle_cat": ["cpu", "cuda"], "conv_bn_chain": ["cpu", "cuda", "triton"],
              "conv_bn_chain_eval": ["cpu"],  # (eval without autograd; elsewhere conv_bn_chain)
+             # (composed from cat and the shuffle ops on other devices)
+             "shuffle_cat_pair": ["cpu"], "shuffle_regroup": ["cpu"],
              "linear": ["cpu"]}  # (on CUDA ops.linear runs cuBLAS's matmul)
 
 

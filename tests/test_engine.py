@@ -1,12 +1,14 @@
 """The batched multi-subnet engine against the one-path reference: values, gradients, BN
 statistics, trie sharing, chunking, and batched fitness against sequential fitness."""
 
+import collections
 import copy
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import fastshift
 from fastshift.data import BatchStream, EvalSet
@@ -62,15 +64,35 @@ def test_forward_many_equals_per_path(train, grad, backend):
             torch.testing.assert_close(mean[0], c.conv_last[1].running_mean)
 
 
-def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients():
+class _CountOps(TorchDispatchMode):
+    """Counts the calls of each op under it (below autograd)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls[str(func.overloadpacket)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients(backend):
     rng = np.random.default_rng(0)
     archs = ARCHS + [SPACE.sample(rng) for _ in range(5)]
     net = make_net().train()
+    for m in net.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
     x = torch.randn(5, 3, 11, 11, dtype=torch.float64)
     y = torch.randint(0, 5, (5,))
-    logits = net.forward_many(x, archs, stats=PathStats(net))
-    loss = sum(F.cross_entropy(logits[k], y, label_smoothing=0.1) for k in range(len(archs)))
-    loss.backward()
+    with _CountOps() as count:
+        logits = net.forward_many(x, archs, stats=PathStats(net))
+        loss = sum(F.cross_entropy(logits[k], y, label_smoothing=0.1) for k in range(len(archs)))
+        loss.backward()
+    # on the cpu backend the layers hand over through shuffle_regroup (forward and backward)
+    regroups = [count.calls[f"fastshift.shuffle_regroup{s}"] for s in ("", "_backward")]
+    assert (min(regroups) > 0) == (backend == "cpu"), (backend, regroups)
     expected = {n: torch.zeros_like(p) for n, p in net.named_parameters()}
     for a in archs:
         c = make_net().train()

@@ -296,6 +296,130 @@ def test_shuffle_cat_pair_errors_are_clear():
         reference.shuffle_cat_pair(z(1, 3, 2, 2), z(1, 2, 2, 2))
 
 
+# shuffle_regroup cases: (Ca, Cb, H, W, batch, source block counts, routes as runs per
+# destination): single runs, runs across sources, blocks taken twice or three times (their
+# gradients summed), a block taken by none, an empty destination, odd Ca, empty channels.
+REGROUP_CASES = [
+    (4, 4, 3, 3, 2, [3, 2], [[(0, 0, 2)], [(1, 0, 2), (0, 2, 3)], [(0, 1, 3)]]),
+    (3, 5, 2, 5, 1, [2, 1, 3], [[(2, 0, 3), (0, 0, 1)], [], [(1, 0, 1), (2, 1, 2)],
+                                [(2, 1, 3), (2, 0, 1)]]),
+    (6, 0, 1, 1, 3, [1, 2], [[(1, 1, 2)], [(1, 1, 2), (0, 0, 1)]]),
+    (16, 48, 2, 2, 2, [4], [[(0, 0, 4)]]),
+]
+
+
+def _regroup_case(case, device, dtype, layout="channels_last"):
+    ca, cb, h, w, batch, blocks, runs = case
+    fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    a = [torch.randn(n * batch, ca, h, w, dtype=dtype, device=device).contiguous(
+        memory_format=fmt).requires_grad_(True) for n in blocks]
+    b = [torch.randn(n * batch, cb, h, w, dtype=dtype, device=device).contiguous(
+        memory_format=fmt).requires_grad_(True) for n in blocks]
+    routes = [v for rs in runs for v in (len(rs), *(x for r in rs for x in r))]
+    return a, b, routes, batch
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", range(len(REGROUP_CASES)))
+@pytest.mark.parametrize("layout", ["channels_last", "contiguous"])
+def test_shuffle_regroup_matches_reference(device, dtype, case, layout):
+    """shuffle_regroup = shuffle_cat_pair of each destination's gathered runs, values exactly;
+    gradients: a block's gradients summed in destination order (bit for bit; equal to
+    autograd's through the reference composition up to the order of those sums), zero for a
+    block no run took."""
+    a, b, routes, batch = _regroup_case(REGROUP_CASES[case], device, dtype, layout)
+    out = ops.shuffle_regroup(a, b, routes, batch, backend=device)
+    ref = reference.shuffle_regroup(a, b, routes, batch)
+    assert len(out) == len(ref) == 2 * len(reference.regroup_routes(routes))
+    for o, r in zip(out, ref):
+        assert o.shape == r.shape
+        assert torch.equal(o, r)
+        if layout == "channels_last":
+            assert o.is_contiguous(memory_format=torch.channels_last)
+
+    def in_destination_order(grads):
+        ca = a[0].shape[1]
+        sums = [torch.zeros_like(t) for t in a + b]
+        for d, runs in enumerate(reference.regroup_routes(routes)):
+            row = 0
+            for i, b0, b1 in runs:
+                n = (b1 - b0) * batch
+                t = reference.channel_interleave(grads[2 * d].narrow(0, row, n),
+                                                 grads[2 * d + 1].narrow(0, row, n))
+                sums[i].narrow(0, b0 * batch, n).add_(t[:, :ca])
+                sums[len(a) + i].narrow(0, b0 * batch, n).add_(t[:, ca:])
+                row += n
+        return sums
+
+    grads = [torch.randn_like(r) for r in ref]
+    got = torch.autograd.grad(out, a + b, grads)
+    for g, w, r in zip(got, in_destination_order(grads), torch.autograd.grad(ref, a + b, grads)):
+        assert torch.equal(g, w)
+        torch.testing.assert_close(g, r)
+    # only the lo halves used downstream: the hi halves' gradients arrive as zeros
+    got = torch.autograd.grad(out[0::2], a + b, grads[0::2])
+    zeros = [g if k % 2 == 0 else torch.zeros_like(g) for k, g in enumerate(grads)]
+    for g, w in zip(got, in_destination_order(zeros)):
+        assert torch.equal(g, w)
+
+
+@needs_c
+@pytest.mark.parametrize("device", DEVICES)
+def test_shuffle_regroup_gradcheck_opcheck(device):
+    a, b, routes, batch = _regroup_case(REGROUP_CASES[1], device, torch.float64)
+    n = len(a)
+
+    def regroup(*ab):
+        return tuple(torch.ops.fastshift.shuffle_regroup(list(ab[:n]), list(ab[n:]), routes,
+                                                         batch))
+
+    assert torch.autograd.gradcheck(regroup, (*a, *b))
+    assert torch.autograd.gradgradcheck(regroup, (*a, *b))
+    outs = regroup(*a, *b)
+    g = [torch.randn_like(o).requires_grad_(True) for o in outs]
+    rows = [t.shape[0] for t in a]
+
+    def backward(*gs):
+        return tuple(torch.ops.fastshift.shuffle_regroup_backward(list(gs), routes, batch, rows,
+                                                                  a[0].shape[1]))
+
+    assert torch.autograd.gradcheck(backward, tuple(g))
+    assert torch.autograd.gradgradcheck(backward, tuple(g))
+    for case in REGROUP_CASES:
+        a, b, routes, batch = _regroup_case(case, device, torch.float32)
+        torch.library.opcheck(torch.ops.fastshift.shuffle_regroup.default, (a, b, routes, batch))
+        g = [torch.randn_like(o) for o in
+             torch.ops.fastshift.shuffle_regroup(a, b, routes, batch)]
+        torch.library.opcheck(torch.ops.fastshift.shuffle_regroup_backward.default,
+                              (g, routes, batch, [t.shape[0] for t in a], a[0].shape[1]))
+
+
+@needs_c
+def test_shuffle_regroup_errors_are_clear():
+    z = torch.zeros
+    a, b = [z(4, 2, 2, 2)], [z(4, 2, 2, 2)]
+    with pytest.raises(RuntimeError, match="names source 1 of 1"):
+        torch.ops.fastshift.shuffle_regroup(a, b, [1, 1, 0, 1], 2)
+    with pytest.raises(RuntimeError, match="takes row blocks \\[1, 3\\) of source 0, which has 2"):
+        torch.ops.fastshift.shuffle_regroup(a, b, [1, 0, 1, 3], 2)
+    with pytest.raises(RuntimeError, match="is cut short"):
+        torch.ops.fastshift.shuffle_regroup(a, b, [2, 0, 0, 1], 2)
+    with pytest.raises(RuntimeError, match="not a multiple of batch 3"):
+        torch.ops.fastshift.shuffle_regroup(a, b, [1, 0, 0, 1], 3)
+    with pytest.raises(RuntimeError, match="differs from source 0"):
+        torch.ops.fastshift.shuffle_regroup(a + [z(2, 4, 2, 2)], b + [z(2, 0, 2, 2)],
+                                            [1, 0, 0, 1], 2)
+    with pytest.raises(RuntimeError, match="its destination's runs take 2"):
+        torch.ops.fastshift.shuffle_regroup_backward([z(4, 2, 2, 2), z(4, 2, 2, 2)],
+                                                     [1, 0, 0, 1], 2, [4], 2)
+    with pytest.raises(RuntimeError, match="grads must hold"):
+        torch.ops.fastshift.shuffle_regroup_backward([z(2, 2, 2, 2)], [1, 0, 0, 1], 2, [4], 2)
+    with pytest.raises(ValueError, match="outside the sources"):
+        reference.shuffle_regroup(a, b, [1, 0, 1, 3], 2)
+
+
 @needs_c
 def test_shuffle_cat_compile_parity():
     def f(a, b):
@@ -315,6 +439,18 @@ def test_shuffle_cat_compile_parity():
     torch.testing.assert_close(compiled(a, b), g(a, b))
     torch.testing.assert_close(torch.autograd.grad(compiled(a, b).sum(), a),
                                torch.autograd.grad(g(a, b).sum(), a))
+
+    def r(a, b):
+        routes = [1, 0, 0, 1, 2, 1, 1, 2, 0, 0, 1]
+        lo0, hi0, lo1, hi1 = torch.ops.fastshift.shuffle_regroup([a, b[:, :3]], [b, b.flip(1)],
+                                                                 routes, 2)
+        return (hi0 * 2 + lo0).sum(1), (lo1 - hi1).sum(1)
+
+    compiled = torch.compile(r, backend="aot_eager", fullgraph=True)
+    a2, b2 = torch.randn(4, 3, 4, 4, requires_grad=True), torch.randn(4, 5, 4, 4)
+    torch.testing.assert_close(compiled(a2, b2), r(a2, b2))
+    torch.testing.assert_close(torch.autograd.grad(sum(t.sum() for t in compiled(a2, b2)), a2),
+                               torch.autograd.grad(sum(t.sum() for t in r(a2, b2)), a2))
 
 
 @needs_c

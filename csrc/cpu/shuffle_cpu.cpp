@@ -359,6 +359,283 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_composite(
   return op.call(g, split);
 }
 
+// ---- shuffle_regroup: shuffle_cat_pair of row blocks gathered from several sources -------
+//
+// The batched engine's hand-over between two layers: the sources are one layer's unit outputs
+// (a_i, b_i), one per choice group, each a stack of row blocks (one per prefix); destination h
+// (one per group of the next layer) gets (lo_h, hi_h) = shuffle_cat_pair of the concatenation
+// of its runs' blocks. One copy, straight into the next layer's inputs; the backward adds a
+// block's gradients over the destinations that took it (in destination order) and interleaves
+// the sum into the block's (grad_a, grad_b).
+
+std::vector<int64_t> source_blocks(const char* op, at::TensorList t, int64_t batch) {
+  std::vector<int64_t> blocks;
+  for (size_t i = 0; i < t.size(); ++i) {
+    check_regroup_batch(op, batch, t[i].size(0), i);
+    blocks.push_back(t[i].size(0) / batch);
+  }
+  return blocks;
+}
+
+std::vector<std::vector<RegroupRun>> check_shuffle_regroup(at::TensorList a, at::TensorList b,
+                                                           at::IntArrayRef routes,
+                                                           int64_t batch) {
+  const char* op = "shuffle_regroup";
+  TORCH_CHECK(!a.empty() && a.size() == b.size(), op, ": a and b must be two non-empty lists of "
+              "the same length, got ", a.size(), " and ", b.size());
+  for (size_t i = 0; i < a.size(); ++i) {
+    check_shuffle_cat(a[i], b[i]);
+    TORCH_CHECK(a[i].size(1) == a[0].size(1) && b[i].size(1) == b[0].size(1) &&
+                    a[i].size(2) == a[0].size(2) && a[i].size(3) == a[0].size(3) &&
+                    a[i].scalar_type() == a[0].scalar_type() && a[i].device() == a[0].device(),
+                op, ": source ", i, " (", a[i].sizes(), ", ", b[i].sizes(), ") differs from "
+                "source 0 (", a[0].sizes(), ", ", b[0].sizes(), ") in channels, spatial size, "
+                "dtype or device");
+  }
+  return parse_regroup_routes(op, routes, source_blocks(op, a, batch));
+}
+
+// The pair of every destination, composed (any device; the CPU body's fallback for tensors
+// that are not pixel rows).
+std::vector<at::Tensor> shuffle_regroup_composite(at::TensorList a, at::TensorList b,
+                                                  at::IntArrayRef routes, int64_t batch) {
+  const auto dest = check_shuffle_regroup(a, b, routes, batch);
+  static const auto pair = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&)>("shuffle_cat_pair");
+  std::vector<at::Tensor> out;
+  for (const auto& runs : dest) {
+    std::vector<at::Tensor> pa, pb;
+    for (const RegroupRun& r : runs) {
+      pa.push_back(a[r.src].narrow(0, r.b0 * batch, (r.b1 - r.b0) * batch));
+      pb.push_back(b[r.src].narrow(0, r.b0 * batch, (r.b1 - r.b0) * batch));
+    }
+    if (runs.empty()) {  // no rows: the layout of source 0's slices
+      pa.push_back(a[0].narrow(0, 0, 0));
+      pb.push_back(b[0].narrow(0, 0, 0));
+    }
+    const bool rows_last = shuffle_cat_rows_last(pa[0], pb[0]);
+    auto joined = [&](const std::vector<at::Tensor>& p) {
+      if (p.size() == 1) return p[0];
+      at::Tensor t = at::cat(p, 0);
+      return rows_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
+    };
+    auto [lo, hi] = pair.call(joined(pa), joined(pb));
+    out.push_back(lo);
+    out.push_back(hi);
+  }
+  return out;
+}
+
+// One contiguous range of pixels copied by a task: `count` pixels of a source from pixel
+// `src0`, to a destination from pixel `dst0`.
+struct PixelTask {
+  int64_t src, dst, src0, dst0, count;
+};
+
+// Runs fn(task, begin, end) over sub-ranges of the tasks' pixels, spread over threads.
+template <typename F>
+void for_task_pixels(const std::vector<PixelTask>& tasks, F fn) {
+  std::vector<int64_t> start(tasks.size() + 1, 0);
+  for (size_t t = 0; t < tasks.size(); ++t) start[t + 1] = start[t] + tasks[t].count;
+  at::parallel_for(0, start.back(), /*grain_size=*/256, [&](int64_t begin, int64_t end) {
+    size_t t = std::upper_bound(start.begin(), start.end(), begin) - start.begin() - 1;
+    for (int64_t p = begin; p < end; ++t) {
+      const int64_t stop = std::min(end, start[t + 1]);
+      if (stop > p) fn(tasks[t], p - start[t], stop - start[t]);
+      p = std::max(p, stop);
+    }
+  });
+}
+
+std::vector<at::Tensor> shuffle_regroup_cpu(at::TensorList a, at::TensorList b,
+                                            at::IntArrayRef routes, int64_t batch) {
+  const auto dest = check_shuffle_regroup(a, b, routes, batch);
+  bool rows = shuffle_cat_rows_last(a[0], b[0]);
+  for (size_t i = 0; rows && i < a.size(); ++i)
+    rows = pixel_stride(a[i]) >= 0 && pixel_stride(b[i]) >= 0;
+  if (!rows) return shuffle_regroup_composite(a, b, routes, batch);
+  const int64_t Ca = a[0].size(1), Cb = b[0].size(1), h = (Ca + Cb) / 2;
+  const int64_t HW = a[0].size(2) * a[0].size(3), block = batch * HW;  // pixels per block
+  std::vector<at::Tensor> out;
+  std::vector<PixelTask> tasks;
+  for (size_t d = 0; d < dest.size(); ++d) {
+    int64_t blocks = 0;
+    for (const RegroupRun& r : dest[d]) {
+      tasks.push_back({r.src, int64_t(d), r.b0 * block, blocks * block, (r.b1 - r.b0) * block});
+      blocks += r.b1 - r.b0;
+    }
+    for (int k = 0; k < 2; ++k)
+      out.push_back(at::empty({blocks * batch, h, a[0].size(2), a[0].size(3)},
+                              a[0].options().memory_format(at::MemoryFormat::ChannelsLast)));
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a[0].scalar_type(),
+                                  "shuffle_regroup", [&] {
+    using T = scalar_t;
+    for_task_pixels(tasks, [&](const PixelTask& t, int64_t p0, int64_t p1) {
+      const int64_t pa = pixel_stride(a[t.src]), pb = pixel_stride(b[t.src]);
+      std::vector<T> tmp(Ca % 2 ? 2 * h : 0);
+      k_deinterleave(a[t.src].const_data_ptr<T>() + t.src0 * pa, pa, Ca,
+                     b[t.src].const_data_ptr<T>() + t.src0 * pb, pb, Cb,
+                     out[2 * t.dst].data_ptr<T>() + t.dst0 * h, h,
+                     out[2 * t.dst + 1].data_ptr<T>() + t.dst0 * h, h, p0, p1, tmp.data());
+    });
+  });
+  return out;
+}
+
+std::vector<std::vector<RegroupRun>> check_shuffle_regroup_backward(at::TensorList grads,
+                                                                    at::IntArrayRef routes,
+                                                                    int64_t batch,
+                                                                    at::IntArrayRef rows,
+                                                                    int64_t split) {
+  const char* op = "shuffle_regroup_backward";
+  TORCH_CHECK(!rows.empty(), op, ": rows must name at least one source");
+  std::vector<int64_t> blocks;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    check_regroup_batch(op, batch, rows[i], i);
+    blocks.push_back(rows[i] / batch);
+  }
+  const auto dest = parse_regroup_routes(op, routes, blocks);
+  TORCH_CHECK(!dest.empty() && grads.size() == 2 * dest.size(), op, ": grads must hold "
+              "(grad_lo, grad_hi) of each of the routes' ", dest.size(), " destinations, got ",
+              grads.size(), " tensors");
+  const at::Tensor& g0 = grads[0];
+  for (size_t k = 0; k < grads.size(); ++k) {
+    TORCH_CHECK(grads[k].dim() == 4 && grads[k].size(1) == g0.size(1) &&
+                    grads[k].size(2) == g0.size(2) && grads[k].size(3) == g0.size(3) &&
+                    grads[k].scalar_type() == g0.scalar_type() &&
+                    grads[k].device() == g0.device(),
+                op, ": grads[", k, "] ", grads[k].sizes(), " differs from grads[0] ",
+                g0.sizes(), " in rank, channels, spatial size, dtype or device");
+    int64_t taken = 0;
+    for (const RegroupRun& r : dest[k / 2]) taken += r.b1 - r.b0;
+    TORCH_CHECK(grads[k].size(0) == taken * batch, op, ": grads[", k, "] has ",
+                grads[k].size(0), " rows, its destination's runs take ", taken * batch);
+  }
+  TORCH_CHECK(split >= 0 && split <= 2 * g0.size(1), op, ": split must be in [0, ",
+              2 * g0.size(1), "], got ", split);
+  return dest;
+}
+
+// Per source block, the (destination, first pixel there) of every run that took it, in
+// destination order.
+std::vector<std::vector<std::vector<std::pair<int64_t, int64_t>>>> block_takers(
+    const std::vector<std::vector<RegroupRun>>& dest, at::IntArrayRef rows, int64_t batch,
+    int64_t block) {
+  std::vector<std::vector<std::vector<std::pair<int64_t, int64_t>>>> takers(rows.size());
+  for (size_t i = 0; i < rows.size(); ++i) takers[i].resize(rows[i] / batch);
+  for (size_t d = 0; d < dest.size(); ++d) {
+    int64_t at_block = 0;
+    for (const RegroupRun& r : dest[d])
+      for (int64_t j = r.b0; j < r.b1; ++j) takers[r.src][j].push_back({d, block * at_block++});
+  }
+  return takers;
+}
+
+std::vector<at::Tensor> shuffle_regroup_backward_composite(at::TensorList grads,
+                                                           at::IntArrayRef routes,
+                                                           int64_t batch, at::IntArrayRef rows,
+                                                           int64_t split) {
+  const auto dest = check_shuffle_regroup_backward(grads, routes, batch, rows, split);
+  static const auto pair_backward = op_handle<std::tuple<at::Tensor, at::Tensor>(
+      const at::Tensor&, const at::Tensor&, int64_t)>("shuffle_cat_pair_backward");
+  const at::Tensor& g0 = grads[0];
+  const int64_t C = 2 * g0.size(1);
+  const bool rows_last = rows_last_layout(g0);
+  std::vector<at::Tensor> out;
+  for (int64_t r : rows) {
+    const auto opt = g0.options().memory_format(rows_last ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous);
+    out.push_back(at::zeros({r, split, g0.size(2), g0.size(3)}, opt));
+    out.push_back(at::zeros({r, C - split, g0.size(2), g0.size(3)}, opt));
+  }
+  for (size_t d = 0; d < dest.size(); ++d) {
+    int64_t row = 0;
+    for (const RegroupRun& r : dest[d]) {
+      const int64_t n = (r.b1 - r.b0) * batch;
+      auto [ga, gb] = pair_backward.call(grads[2 * d].narrow(0, row, n),
+                                         grads[2 * d + 1].narrow(0, row, n), split);
+      out[2 * r.src].narrow(0, r.b0 * batch, n).add_(ga);
+      out[2 * r.src + 1].narrow(0, r.b0 * batch, n).add_(gb);
+      row += n;
+    }
+  }
+  return out;
+}
+
+std::vector<at::Tensor> shuffle_regroup_backward_cpu(at::TensorList grads,
+                                                     at::IntArrayRef routes, int64_t batch,
+                                                     at::IntArrayRef rows, int64_t split) {
+  const auto dest = check_shuffle_regroup_backward(grads, routes, batch, rows, split);
+  std::vector<int64_t> ps;  // the gradients' pixel strides (channel ranges of wider tensors)
+  for (const at::Tensor& g : grads) ps.push_back(pixel_stride(g));
+  if (*std::min_element(ps.begin(), ps.end()) < 0)
+    return shuffle_regroup_backward_composite(grads, routes, batch, rows, split);
+  const int64_t h = grads[0].size(1), C = 2 * h, H = grads[0].size(2), W = grads[0].size(3);
+  const int64_t block = batch * H * W;
+  const auto takers = block_takers(dest, rows, batch, block);
+  std::vector<at::Tensor> out;
+  std::vector<PixelTask> tasks;  // one per source block; dst: the block's index
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const auto opt = grads[0].options().memory_format(at::MemoryFormat::ChannelsLast);
+    out.push_back(at::empty({rows[i], split, H, W}, opt));
+    out.push_back(at::empty({rows[i], C - split, H, W}, opt));
+    for (int64_t j = 0; j < rows[i] / batch; ++j)
+      tasks.push_back({int64_t(i), j, j * block, 0, block});
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grads[0].scalar_type(),
+                                  "shuffle_regroup_backward", [&] {
+    using T = scalar_t;
+    constexpr int64_t kSpan = 64;  // pixels summed at a time where several runs took a block
+    for_task_pixels(tasks, [&](const PixelTask& t, int64_t p0, int64_t p1) {
+      const auto& by = takers[t.src][t.dst];
+      T* ga = out[2 * t.src].data_ptr<T>() + t.src0 * split;
+      T* gb = out[2 * t.src + 1].data_ptr<T>() + t.src0 * (C - split);
+      if (by.empty()) {
+        std::fill(ga + p0 * split, ga + p1 * split, T(0));
+        std::fill(gb + p0 * (C - split), gb + p1 * (C - split), T(0));
+        return;
+      }
+      std::vector<T> tmp(C);
+      if (by.size() == 1) {
+        const auto [d, off] = by[0];
+        const int64_t pl = ps[2 * d], ph = ps[2 * d + 1];
+        k_interleave(grads[2 * d].const_data_ptr<T>() + off * pl, pl,
+                     grads[2 * d + 1].const_data_ptr<T>() + off * ph, ph, ga, split, split, gb,
+                     C - split, C - split, p0, p1, tmp.data());
+        return;
+      }
+      // the runs' gradients added in destination order, kSpan pixels at a time
+      std::vector<T> lo(kSpan * h), hi(kSpan * h);
+      for (int64_t q0 = p0; q0 < p1; q0 += kSpan) {
+        const int64_t n = std::min(kSpan, p1 - q0);
+        for (size_t k = 0; k < by.size(); ++k) {
+          const auto [d, off] = by[k];
+          const int64_t pl = ps[2 * d], ph = ps[2 * d + 1];
+          const T* gl = grads[2 * d].const_data_ptr<T>() + (off + q0) * pl;
+          const T* gh = grads[2 * d + 1].const_data_ptr<T>() + (off + q0) * ph;
+          for (int64_t p = 0; p < n; ++p) {
+            T* l = lo.data() + p * h;
+            T* u = hi.data() + p * h;
+            if (k == 0) {
+              std::copy(gl + p * pl, gl + p * pl + h, l);
+              std::copy(gh + p * ph, gh + p * ph + h, u);
+            } else {
+              for (int64_t c = 0; c < h; ++c) {
+                l[c] += gl[p * pl + c];
+                u[c] += gh[p * ph + c];
+              }
+            }
+          }
+        }
+        k_interleave(lo.data(), h, hi.data(), h, ga + q0 * split, split, split,
+                     gb + q0 * (C - split), C - split, C - split, 0, n, tmp.data());
+      }
+    });
+  });
+  return out;
+}
+
 // channel_split: (even, odd) <- x channels (0, 2, ...) and (1, 3, ...). Tensors: 0 x,
 // 1 even, 2 odd.
 std::tuple<at::Tensor, at::Tensor> channel_split_cpu(const at::Tensor& x) {
@@ -419,11 +696,15 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
   m.impl("shuffle_cat_backward", &shuffle_cat_backward_cpu);
   m.impl("shuffle_cat_pair", &shuffle_cat_pair_cpu);
   m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_cpu);
+  m.impl("shuffle_regroup", &shuffle_regroup_cpu);
+  m.impl("shuffle_regroup_backward", &shuffle_regroup_backward_cpu);
 }
 
 TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {
   m.impl("shuffle_cat_pair", &shuffle_cat_pair_composite);
   m.impl("shuffle_cat_pair_backward", &shuffle_cat_pair_backward_composite);
+  m.impl("shuffle_regroup", &shuffle_regroup_composite);
+  m.impl("shuffle_regroup_backward", &shuffle_regroup_backward_composite);
   m.impl("cuda_version", &cuda_version);
   m.impl("cuda_archs", &cuda_archs);
 }

@@ -31,7 +31,7 @@ from ._registry import BUILD_ERROR, CUDA_ARCHS, HAVE_C, conv_out_size, cpu_kerne
 from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
-           "channel_interleave", "shuffle_cat", "shuffle_cat_pair", "dwconv_bn",
+           "channel_interleave", "shuffle_cat", "shuffle_cat_pair", "shuffle_regroup", "dwconv_bn",
            "pwconv_bn_relu", "conv_bn_chain", "linear", "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
            "cuda_auto_backend",
@@ -198,6 +198,27 @@ def shuffle_cat_pair(a: torch.Tensor, b: torch.Tensor, backend: str | None = Non
     if resolve_backend(backend, a.device) == "reference":
         return reference.shuffle_cat_pair(a, b)
     return torch.ops.fastshift.shuffle_cat_pair.default(a, b)
+
+
+def shuffle_regroup(a: list[torch.Tensor], b: list[torch.Tensor], routes: list[int],
+                    batch: int, backend: str | None = None) -> list[torch.Tensor]:
+    """:func:`shuffle_cat_pair` of row blocks gathered from several sources, the batched
+    engine's hand-over between two layers (one layer's unit outputs, one per choice group, to
+    the next layer's group inputs).
+
+    Sources ``i``: ``a[i] [R_i, Ca, H, W]`` and ``b[i] [R_i, Cb, H, W]`` (the same Ca, Cb, H,
+    W, dtype and device), stacks of ``R_i / batch`` row blocks of ``batch`` rows. ``routes``:
+    per destination its run count ``n``, then ``n`` triples ``(source, first block, end
+    block)``. Returns ``[lo_0, hi_0, lo_1, hi_1, ...]``, ``(lo_d, hi_d) =
+    shuffle_cat_pair(cat(a's runs), cat(b's runs))`` ``[rows_d, (Ca+Cb)/2, H, W]``. On the
+    ``cpu`` backend one copy writes every destination (its backward sums a block's gradients
+    over the runs that took it, in destination order, and interleaves the sum once); other
+    devices compose ``cat`` and ``shuffle_cat_pair``. Layout as :func:`shuffle_cat`.
+    Equivalent to ``reference.shuffle_regroup`` (bit for bit: a permutation, and the same
+    sums in the same order as autograd's backward of the composition)."""
+    if resolve_backend(backend, a[0].device) == "reference":
+        return reference.shuffle_regroup(a, b, routes, batch)
+    return torch.ops.fastshift.shuffle_regroup.default(list(a), list(b), list(routes), batch)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:

@@ -123,6 +123,39 @@ if HAVE_C:
                 torch.empty((n, 2 * c - split, h, w), dtype=grad_lo.dtype,
                             device=grad_lo.device, memory_format=fmt))
 
+    def _regroup_rows(routes, batch):
+        """Rows of each destination of shuffle_regroup's flat routes."""
+        rows, k = [], 0
+        while k < len(routes):
+            n = routes[k]
+            torch._check(n >= 0 and k + 1 + 3 * n <= len(routes),
+                         lambda: "shuffle_regroup: routes are cut short")
+            rows.append(batch * sum(routes[k + 3 + 3 * r] - routes[k + 2 + 3 * r]
+                                    for r in range(n)))
+            k += 1 + 3 * n
+        return rows
+
+    @torch.library.register_fake("fastshift::shuffle_regroup")
+    def _shuffle_regroup_fake(a, b, routes, batch):
+        torch._check(len(a) == len(b) and len(a) > 0,
+                     lambda: "shuffle_regroup: a and b must be two non-empty lists of one length")
+        a0, b0 = a[0], b[0]
+        torch._check((a0.shape[1] + b0.shape[1]) % 2 == 0,
+                     lambda: "shuffle_regroup: channel count must be even")
+        h = (a0.shape[1] + b0.shape[1]) // 2
+        fmt = suggest_memory_format(a0 if a0.shape[1] else b0)
+        return [torch.empty((r, h, a0.shape[2], a0.shape[3]), dtype=a0.dtype, device=a0.device,
+                            memory_format=fmt)
+                for r in _regroup_rows(routes, batch) for _ in range(2)]
+
+    @torch.library.register_fake("fastshift::shuffle_regroup_backward")
+    def _shuffle_regroup_backward_fake(grads, routes, batch, rows, split):
+        g = grads[0]
+        fmt = suggest_memory_format(g)
+        _, c, h, w = g.shape
+        return [torch.empty((r, ch, h, w), dtype=g.dtype, device=g.device, memory_format=fmt)
+                for r in rows for ch in (split, 2 * c - split)]
+
     @torch.library.register_fake("fastshift::linear")
     def _linear_fake(x, weight):
         torch._check(x.dim() == 2 and weight.dim() == 2,

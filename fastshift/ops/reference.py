@@ -9,8 +9,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["channel_split", "channel_interleave", "shuffle_cat", "grouped_batch_norm", "dwconv_bn",
-           "pwconv_bn_relu", "linear", "update_running_stats"]
+__all__ = ["channel_split", "channel_interleave", "shuffle_cat", "shuffle_cat_pair",
+           "shuffle_regroup", "grouped_batch_norm", "dwconv_bn", "pwconv_bn_relu", "linear",
+           "update_running_stats"]
 
 
 def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,6 +42,38 @@ def shuffle_cat_pair(a: torch.Tensor, b: torch.Tensor):
     a ShuffleNetV2 unit's concat and the next unit's split (``x_proj``, ``x_main``)."""
     _check_shuffle_cat("shuffle_cat_pair", a, b)
     return channel_split(torch.cat((a, b), 1))
+
+
+def regroup_routes(routes) -> list[list[tuple[int, int, int]]]:
+    """The flat ``routes`` of :func:`shuffle_regroup` (per destination its run count n, then n
+    triples) as one list of ``(source, first block, end block)`` runs per destination."""
+    routes = [int(v) for v in routes]
+    dest, k = [], 0
+    while k < len(routes):
+        n = routes[k]
+        if n < 0 or k + 1 + 3 * n > len(routes):
+            raise ValueError(f"shuffle_regroup: routes: destination {len(dest)} is cut short")
+        dest.append([tuple(routes[k + 1 + 3 * r:k + 4 + 3 * r]) for r in range(n)])
+        k += 1 + 3 * n
+    return dest
+
+
+def shuffle_regroup(a: list[torch.Tensor], b: list[torch.Tensor], routes, batch: int):
+    """The batched engine's hand-over between two layers. Sources ``i``: ``a[i] [R_i, Ca, H,
+    W]`` and ``b[i] [R_i, Cb, H, W]``, stacks of ``R_i / batch`` row blocks; ``routes`` (see
+    :func:`regroup_routes`) lists each destination's runs of blocks. Returns ``[lo_0, hi_0,
+    lo_1, hi_1, ...]`` with ``(lo_d, hi_d) = shuffle_cat_pair(cat(a's runs), cat(b's runs))``."""
+    if len(a) != len(b) or not a:
+        raise ValueError("shuffle_regroup: a and b must be two non-empty lists of one length")
+    out = []
+    for runs in regroup_routes(routes):
+        for i, b0, b1 in runs:
+            if not (0 <= i < len(a) and 0 <= b0 < b1 <= a[i].shape[0] // batch):
+                raise ValueError(f"shuffle_regroup: run {(i, b0, b1)} is outside the sources")
+        pick = [(i, b0 * batch, (b1 - b0) * batch) for i, b0, b1 in runs] or [(0, 0, 0)]
+        out.extend(shuffle_cat_pair(torch.cat([a[i].narrow(0, r, n) for i, r, n in pick]),
+                                    torch.cat([b[i].narrow(0, r, n) for i, r, n in pick])))
+    return out
 
 
 def channel_interleave(even: torch.Tensor, odd: torch.Tensor) -> torch.Tensor:
