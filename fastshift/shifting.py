@@ -26,7 +26,7 @@ from torch import nn
 from . import distributed as dist
 from .data import BatchStream, EvalSet
 from .engine import PathStats, plan_chunks
-from .ops import tune_cpu_allocator
+from .ops import frozen_weights, tune_cpu_allocator
 from .space import Arch
 
 __all__ = ["FitnessConfig", "Shifter", "make_optimizer", "load_optimizer_state", "seeded_rng",
@@ -251,20 +251,23 @@ class Shifter:
     def error(self, arch: Arch) -> tuple[float, float]:
         """(top-1, top-5) error of ``arch`` in eval mode on the validation batches (under
         ``torch.inference_mode``: nothing here is differentiated or kept, and the ops skip
-        autograd's bookkeeping: about 3 % of an eval forward at batch 128 on the CPU)."""
+        autograd's bookkeeping: about 3 % of an eval forward at batch 128 on the CPU; and
+        under ``ops.frozen_weights``: each weight is packed for the CPU products once, not
+        once per batch)."""
         self.net.eval()
         top1 = top5 = total = 0
-        for x, y in self.val_set.batches:
-            if dist.active():  # each rank scores its share of the rows; hits are summed
-                rows = dist.shard(x.shape[0])
-                x, y = x[rows], y[rows]
-            logits = self.net(x, arch)
-            k = min(5, logits.shape[1])
-            pred = logits.topk(k, dim=1).indices
-            hit = pred == y[:, None]
-            top1 += int(hit[:, 0].sum())
-            top5 += int(hit.any(dim=1).sum())
-            total += y.shape[0]
+        with frozen_weights():
+            for x, y in self.val_set.batches:
+                if dist.active():  # each rank scores its share of the rows; hits are summed
+                    rows = dist.shard(x.shape[0])
+                    x, y = x[rows], y[rows]
+                logits = self.net(x, arch)
+                k = min(5, logits.shape[1])
+                pred = logits.topk(k, dim=1).indices
+                hit = pred == y[:, None]
+                top1 += int(hit[:, 0].sum())
+                top5 += int(hit.any(dim=1).sum())
+                total += y.shape[0]
         if dist.active():
             top1, top5, total = dist.all_sum(torch.tensor([top1, top5, total]),
                                              "validation counts").tolist()
@@ -363,7 +366,8 @@ class Shifter:
         top1 = {i: 0 for i in mine}
         top5 = {i: 0 for i in mine}
         total = 0
-        with torch.inference_mode():  # as in error(): nothing here is differentiated or kept
+        # as in error(): nothing here is differentiated or kept, each weight packed once
+        with torch.inference_mode(), frozen_weights():
             for x, y in self.val_set.batches:
                 if mine_archs:  # no autograd: one depth-first pass over the trie
                     logits = net.forward_many(x, mine_archs, stats=stats)

@@ -237,3 +237,40 @@ def test_fused_head_runs_fastshift_linear(digits_space):
     net.classifier = torch.nn.Sequential(torch.nn.Linear(net.classifier[0].in_features, 4)).double()
     out, calls = linear_calls(lambda: net(x, arch))
     assert calls == 0 and out.shape == (6, 4)
+
+
+@pytest.mark.skipif(not fastshift.ops.HAVE_C, reason="fastshift._C not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_weights_reuses_packs_and_sees_in_place_changes(digits_space, dtype):
+    """Inside ops.frozen_weights the CPU bodies reuse each weight's packed form: the eval
+    forward (path and forward_many) and a training forward give the same values bit for bit
+    as outside; a weight changed in place inside the block is packed again; scopes nest and an
+    unmatched end is an error."""
+    net = fastshift.Supernet(digits_space, backend="cpu",
+                             generator=torch.Generator().manual_seed(2)).to(dtype).eval()
+    x = torch.randn(5, 1, 8, 8, dtype=dtype)
+    archs = [(0, 1, 2, 3), (3, 2, 1, 0), (0, 1, 0, 0)]
+    with torch.inference_mode():
+        want = [net(x, a) for a in archs], net.forward_many(x, archs)
+        with fastshift.ops.frozen_weights():
+            for _ in range(2):  # the second round reads the kept packs
+                got = [net(x, a) for a in archs], net.forward_many(x, archs)
+                assert all(torch.equal(g, w) for g, w in zip(got[0], want[0]))
+                assert torch.equal(got[1], want[1])
+            with fastshift.ops.frozen_weights():  # nested: the same packs
+                assert torch.equal(net(x, archs[0]), want[0][0])
+            for p in net.parameters():
+                p.mul_(1.5)  # in place: a new version, packed again
+            changed = [net(x, a) for a in archs]
+    with torch.inference_mode():
+        fresh = [net(x, a) for a in archs]
+    assert all(torch.equal(c, f) for c, f in zip(changed, fresh))
+    assert not torch.equal(changed[0], want[0][0])
+    net.train()
+    with fastshift.ops.frozen_weights():
+        torch.manual_seed(0)
+        a = net(x, archs[0])
+    torch.manual_seed(0)
+    assert torch.equal(a, net(x, archs[0]))
+    with pytest.raises(RuntimeError, match="not entered"):
+        torch.ops.fastshift.pack_cache(False)

@@ -23,7 +23,9 @@
 #include <cmath>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <type_traits>
+#include <unordered_map>
 #include <vector>
 
 #include "../block_checks.h"
@@ -401,6 +403,65 @@ at::Tensor transposed(const at::Tensor& src) {
   return dst;
 }
 
+// ---- weights packed once per validation pass ----------------------------------------------
+// Inside a pack_cache scope (ops.frozen_weights: the validation passes, where no weight
+// changes) a weight's packed form (form 0: a 1x1 weight transposed, 1: a depthwise weight's
+// forward taps) is kept per tensor, data pointer and version and reused by every later call,
+// instead of being packed again for every node, unit and batch. The entries hold the weight
+// (so its address is not reused within the scope) and are dropped when the outermost scope
+// ends. Outside a scope, and for inference tensors (no version counter), every call packs.
+struct PackCache {
+  struct Entry {
+    at::Tensor weight, packed;
+    const void* data;
+    uint32_t version;
+  };
+  std::mutex mutex;
+  int64_t depth = 0;
+  std::unordered_map<const void*, Entry> entries[2];  // per form, keyed by TensorImpl
+};
+
+PackCache& pack_cache() {
+  static PackCache cache;
+  return cache;
+}
+
+int64_t pack_cache_scope(bool enter) {
+  PackCache& c = pack_cache();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  TORCH_CHECK(enter || c.depth > 0, "pack_cache: a scope ended that was not entered");
+  c.depth += enter ? 1 : -1;
+  if (c.depth == 0)
+    for (auto& form : c.entries) form.clear();
+  return c.depth;
+}
+
+template <typename F>
+at::Tensor packed_weight(const at::Tensor& weight, int form, const F& pack) {
+  PackCache& c = pack_cache();
+  if (weight.is_inference()) return pack();
+  {
+    std::lock_guard<std::mutex> lock(c.mutex);
+    if (c.depth == 0) return pack();
+    auto it = c.entries[form].find(weight.unsafeGetTensorImpl());
+    if (it != c.entries[form].end() && it->second.data == weight.const_data_ptr() &&
+        it->second.version == weight._version())
+      return it->second.packed;
+  }
+  at::Tensor packed = pack();
+  std::lock_guard<std::mutex> lock(c.mutex);
+  if (c.depth > 0)
+    c.entries[form][weight.unsafeGetTensorImpl()] = {weight, packed, weight.const_data_ptr(),
+                                                     weight._version()};
+  return packed;
+}
+
+// w^T [C, O] of a 1x1 weight [O, C, 1, 1] (packed_weight form 0)
+template <typename T>
+at::Tensor packed_1x1(const at::Tensor& weight) {
+  return packed_weight(weight, 0, [&] { return transposed<T>(weight.contiguous()); });
+}
+
 // The forward z [R * pixels, O] = x [R * pixels, C] w^T of a 1x1 layer (w [O, C, 1, 1]) over
 // the chunks `ch` of R images of `pixels` rows, the tiles of chunk i handed to the epilogue
 // epilogue(i) (gemm.h: Store, Moments), then after(i, rows, count) (when given) called on
@@ -411,7 +472,7 @@ at::Tensor pw_forward(const at::Tensor& x2d, const at::Tensor& weight, const Row
                       int64_t pixels, const F& epilogue, const A& after = nullptr) {
   const int64_t M = x2d.size(0), C = x2d.size(1), O = weight.size(0);
   const int64_t ld = pixel_stride(x2d);
-  const at::Tensor packed = transposed<T>(weight.contiguous());  // w^T [C, O]
+  const at::Tensor packed = packed_1x1<T>(weight);  // w^T [C, O]
   const T* wt = packed.const_data_ptr<T>();
   at::Tensor z = at::empty({M, O}, x2d.options());
   const T* xp = x2d.const_data_ptr<T>();
@@ -950,11 +1011,14 @@ at::Tensor conv_bn_chain_eval_cpu(const at::Tensor& x_in, at::TensorList weights
       scale[i] = r;
       off += Ci;
       if (layers[i] == 0) {
-        packs[i] = transposed<T>(weights[i].contiguous());
+        packs[i] = packed_1x1<T>(weights[i]);
       } else {
         const int64_t K = weights[i].size(2);
-        packs[i] = at::empty({K * K, Ci}, x.options());
-        forward_taps(weights[i].contiguous().const_data_ptr<T>(), Ci, K, packs[i].data_ptr<T>());
+        packs[i] = packed_weight(weights[i], 1, [&] {
+          at::Tensor taps = at::empty({K * K, Ci}, x.options());
+          forward_taps(weights[i].contiguous().const_data_ptr<T>(), Ci, K, taps.data_ptr<T>());
+          return taps;
+        });
         shapes[i] = {H[i], W[i], Cin[i], K, layers[i], H[i + 1], W[i + 1]};
         pad = std::max(pad, padded_h(shapes[i]) * padded_w(shapes[i]) * Cin[i]);
       }
@@ -1133,6 +1197,7 @@ TORCH_LIBRARY_IMPL(fastshift, CPU, m) {
 
 TORCH_LIBRARY_IMPL(fastshift, CompositeExplicitAutograd, m) {
   m.impl("cpu_kernel_level", [] { return int64_t{isa_level()}; });
+  m.impl("pack_cache", &pack_cache_scope);
 }
 
 }  // namespace cpu_block

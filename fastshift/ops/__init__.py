@@ -20,6 +20,7 @@ An explicitly requested backend that was not built raises with the rebuild comma
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -32,6 +33,7 @@ from .allocator import tune_cpu_allocator
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "shuffle_cat_pair", "shuffle_regroup", "dwconv_bn",
+           "frozen_weights",
            "pwconv_bn_relu", "conv_bn_chain", "linear", "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
            "cuda_auto_backend",
@@ -219,6 +221,25 @@ def shuffle_regroup(a: list[torch.Tensor], b: list[torch.Tensor], routes: list[i
     if resolve_backend(backend, a[0].device) == "reference":
         return reference.shuffle_regroup(a, b, routes, batch)
     return torch.ops.fastshift.shuffle_regroup.default(list(a), list(b), list(routes), batch)
+
+
+@contextlib.contextmanager
+def frozen_weights():
+    """A block in which no weight changes (the validation passes of ``Shifter``): the CPU
+    bodies pack each 1x1 and depthwise weight once for the whole block and reuse the packed
+    form in every later call (every node of the trie, every batch) instead of packing it per
+    call. Entries are keyed per tensor, data pointer and version counter, so a weight changed
+    in place by a torch op inside the block is packed again; a change that bypasses the
+    version counter (through ``.data``) is not seen. Nestable; without the extension a no-op.
+    Results are the same bit for bit (the same packing, done once)."""
+    if not HAVE_C:
+        yield
+        return
+    torch.ops.fastshift.pack_cache(True)
+    try:
+        yield
+    finally:
+        torch.ops.fastshift.pack_cache(False)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, backend: str | None = None) -> torch.Tensor:
