@@ -425,6 +425,14 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
                                      parts=pair))
             plan.computed.extend((layer, p) for p in prefixes)
         outs = layer_outs
+    if len(set(plan.leaf)) == len(plan.leaf):
+        # distinct architectures: the tail takes the last layer's rows in architecture order
+        # (one regrouping in place of the layer's concatenation), so that its logits are
+        # already [K, B, classes] (no gather, whose backward is an index_put)
+        owner = [(i, j) for i, out in enumerate(outs) for j in range(out.shape[0] // batch)]
+        act, = _Regroup.apply(batch, [_runs(plan.leaf, owner)], *outs)
+        logits = _tail(net, act, [plan.leaves[n] for n in plan.leaf], stats, training, fused)
+        return logits.view(len(plan.leaf), batch, -1)
     act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
     logits = _tail(net, act, plan.leaves, stats, training, fused)
     return logits.view(len(plan.leaves), batch, -1)[torch.tensor(plan.leaf,
@@ -469,8 +477,11 @@ def forward_many(net, x: torch.Tensor, archs, *, stats: PathStats | None = None,
         if plans is not None:
             plans.append(plan)
         logits = _run_plan(net, x, plan, stats)
+        if chunk == list(range(len(archs))):  # one chunk, in the given order: no restacking
+            out = logits
+            break
         for k, row in zip(chunk, logits.unbind(0)):
             out[k] = row
     if own_stats and net.training:
         stats.write_back()
-    return torch.stack(out)
+    return out if isinstance(out, torch.Tensor) else torch.stack(out)

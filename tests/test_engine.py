@@ -34,24 +34,31 @@ def make_net(seed=0, dtype=torch.float64):
 BACKENDS = ["reference"] + (["cpu"] if fastshift.ops.HAVE_C else [])
 
 
+# with a duplicate; distinct and unsorted (the tail then runs in architecture order); sorted
+ARCH_LISTS = {"dup": ARCHS, "distinct": list(dict.fromkeys(ARCHS))[::-1],
+              "sorted": sorted(set(ARCHS))}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("grad", [True, False], ids=["breadth_first", "depth_first_no_grad"])
 @pytest.mark.parametrize("train", [True, False])
-def test_forward_many_equals_per_path(train, grad, backend):
+@pytest.mark.parametrize("archs", ARCH_LISTS)
+def test_forward_many_equals_per_path(train, grad, backend, archs):
+    archs = ARCH_LISTS[archs]
     net = make_net().train(train)
-    copies = [copy.deepcopy(net) for _ in ARCHS]
+    copies = [copy.deepcopy(net) for _ in archs]
     for m in net.modules():
         if hasattr(m, "backend"):
             m.backend = backend
     x = torch.randn(6, 3, 11, 11, dtype=torch.float64)
     stats = PathStats(net)
     with torch.set_grad_enabled(grad):
-        out = net.forward_many(x, ARCHS, stats=stats)
-    ref = torch.stack([c(x, a) for c, a in zip(copies, ARCHS)])
-    assert out.shape == (len(ARCHS), 6, 5)
+        out = net.forward_many(x, archs, stats=stats)
+    ref = torch.stack([c(x, a) for c, a in zip(copies, archs)])
+    assert out.shape == (len(archs), 6, 5)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     if train:  # each subnet's running statistics are its own
-        for c, a in zip(copies, ARCHS):
+        for c, a in zip(copies, archs):
             for layer, gene in enumerate(a):
                 block = c.features[layer][gene]
                 for name, m in block.named_modules():
@@ -77,9 +84,12 @@ class _CountOps(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients(backend):
+@pytest.mark.parametrize("distinct", [False, True])
+def test_gradient_of_summed_loss_equals_sum_of_per_candidate_gradients(backend, distinct):
     rng = np.random.default_rng(0)
     archs = ARCHS + [SPACE.sample(rng) for _ in range(5)]
+    if distinct:  # unsorted and distinct: the tail runs in architecture order
+        archs = list(dict.fromkeys(archs))[::-1]
     net = make_net().train()
     for m in net.modules():
         if hasattr(m, "backend"):
