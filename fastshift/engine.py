@@ -413,7 +413,7 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
             owner.extend((i, j) for j in range(rows // batch))
         routes = [_runs(parent_rows, owner) for _, parent_rows, _ in groups]
         if isinstance(outs[0], tuple):  # units' (a, main branch): shuffled and regrouped
-            flat = [v for runs in routes for v in (len(runs), *(x for r in runs for x in r))]
+            flat = [v for runs in routes for v in (len(runs), *(n for r in runs for n in r))]
             halves = shuffle_regroup([o[0] for o in outs], [o[1] for o in outs], flat, batch,
                                      backend=net.backend)
             inputs = list(zip(halves[0::2], halves[1::2]))

@@ -406,19 +406,20 @@ at::Tensor transposed(const at::Tensor& src) {
 // ---- weights packed once per validation pass ----------------------------------------------
 // Inside a pack_cache scope (ops.frozen_weights: the validation passes, where no weight
 // changes) a weight's packed form (form 0: a 1x1 weight transposed, 1: a depthwise weight's
-// forward taps) is kept per tensor, data pointer and version and reused by every later call,
-// instead of being packed again for every node, unit and batch. The entries hold the weight
-// (so its address is not reused within the scope) and are dropped when the outermost scope
-// ends. Outside a scope, and for inference tensors (no version counter), every call packs.
+// forward taps) is kept per data pointer, sizes and strides (so the per-call views of a
+// weight, e.g. a depthwise weight cropped to its live taps, find it too) and version, and
+// reused by every later call instead of being packed again for every node, unit and batch.
+// The entries hold the weight (so its memory is not reused within the scope) and are
+// dropped when the outermost scope ends. Outside a scope, and for inference tensors (no
+// version counter), every call packs.
 struct PackCache {
   struct Entry {
     at::Tensor weight, packed;
-    const void* data;
     uint32_t version;
   };
   std::mutex mutex;
   int64_t depth = 0;
-  std::unordered_map<const void*, Entry> entries[2];  // per form, keyed by TensorImpl
+  std::unordered_map<const void*, std::vector<Entry>> entries[2];  // per form, by data
 };
 
 PackCache& pack_cache() {
@@ -440,19 +441,25 @@ template <typename F>
 at::Tensor packed_weight(const at::Tensor& weight, int form, const F& pack) {
   PackCache& c = pack_cache();
   if (weight.is_inference()) return pack();
+  auto same = [&](const PackCache::Entry& e) {
+    return e.weight.sizes() == weight.sizes() && e.weight.strides() == weight.strides() &&
+           e.weight.scalar_type() == weight.scalar_type();
+  };
   {
     std::lock_guard<std::mutex> lock(c.mutex);
     if (c.depth == 0) return pack();
-    auto it = c.entries[form].find(weight.unsafeGetTensorImpl());
-    if (it != c.entries[form].end() && it->second.data == weight.const_data_ptr() &&
-        it->second.version == weight._version())
-      return it->second.packed;
+    auto it = c.entries[form].find(weight.const_data_ptr());
+    if (it != c.entries[form].end())
+      for (const PackCache::Entry& e : it->second)
+        if (same(e) && e.version == weight._version()) return e.packed;
   }
   at::Tensor packed = pack();
   std::lock_guard<std::mutex> lock(c.mutex);
-  if (c.depth > 0)
-    c.entries[form][weight.unsafeGetTensorImpl()] = {weight, packed, weight.const_data_ptr(),
-                                                     weight._version()};
+  if (c.depth > 0) {
+    std::vector<PackCache::Entry>& list = c.entries[form][weight.const_data_ptr()];
+    list.erase(std::remove_if(list.begin(), list.end(), same), list.end());  // stale version
+    list.push_back({weight, packed, weight._version()});
+  }
   return packed;
 }
 
