@@ -122,11 +122,11 @@ TORCH_LIBRARY(fastshift, m) {
   m.def("conv_bn_chain_backward_triton(Tensor grad_y, Tensor x, Tensor[] weights, int[] layers, "
         "Tensor y, Tensor[] saved, Tensor var, int groups, float eps, bool training) -> "
         "(Tensor grad_x, Tensor[] grad_weights)");
-  // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   // Enters (true) or leaves (false) a scope in which the CPU bodies keep each weight's packed
-  // form across calls (per tensor, data pointer and version); returns the scope depth. The
+  // form across calls (per data pointer, layout and version); returns the scope depth. The
   // validation passes run inside one (fastshift.ops.frozen_weights).
   m.def("pack_cache(bool enter) -> int");
+  // The CUDA toolkit version the extension was compiled with, or 0 for a CPU-only build.
   m.def("cuda_version() -> int");
   // The compute capabilities the CUDA bodies were compiled for (major * 10 + minor; 1000 +
   // that for PTX, which newer GPUs compile at load time); empty for a CPU-only build.

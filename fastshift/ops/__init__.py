@@ -228,7 +228,7 @@ def frozen_weights():
     """A block in which no weight changes (the validation passes of ``Shifter``): the CPU
     bodies pack each 1x1 and depthwise weight once for the whole block and reuse the packed
     form in every later call (every node of the trie, every batch) instead of packing it per
-    call. Entries are keyed per tensor, data pointer and version counter, so a weight changed
+    call. Entries are keyed per data pointer, layout and version counter, so a weight changed
     in place by a torch op inside the block is packed again; a change that bypasses the
     version counter (through ``.data``) is not seen. Nestable; without the extension a no-op.
     Results are the same bit for bit (the same packing, done once)."""
