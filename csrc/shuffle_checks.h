@@ -89,10 +89,17 @@ inline std::vector<std::vector<RegroupRun>> parse_regroup_routes(
   return dest;
 }
 
-inline void check_regroup_batch(const char* op, int64_t batch, int64_t rows, size_t i) {
+// The row blocks of each source (rows[i] / batch), checking that batch divides every count.
+inline std::vector<int64_t> regroup_blocks(const char* op, at::IntArrayRef rows,
+                                           int64_t batch) {
   TORCH_CHECK(batch > 0, op, ": batch must be positive, got ", batch);
-  TORCH_CHECK(rows % batch == 0, op, ": source ", i, " has ", rows,
-              " rows, not a multiple of batch ", batch);
+  std::vector<int64_t> blocks;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    TORCH_CHECK(rows[i] % batch == 0, op, ": source ", i, " has ", rows[i],
+                " rows, not a multiple of batch ", batch);
+    blocks.push_back(rows[i] / batch);
+  }
+  return blocks;
 }
 
 // Position in shuffle_cat's output of channel c of t = cat(a, b) (C channels): even channels

@@ -390,6 +390,13 @@ def _run_depth_first(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats
     return torch.stack(logits)[torch.tensor(plan.leaf, device=x.device)]
 
 
+def _owners(outs, batch: int) -> list[tuple[int, int]]:
+    """Node -> (index of its output in ``outs``, row block within it), for a layer's outputs
+    in node order (tensors, or the (a, main branch) parts of units)."""
+    return [(i, j) for i, out in enumerate(outs)
+            for j in range((out[0] if isinstance(out, tuple) else out).shape[0] // batch)]
+
+
 def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> torch.Tensor:
     training = net.training
     fused = uses_fused(net.backend, x, network=True)
@@ -407,10 +414,7 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
     # writes each output's gradient once); the whole layer is concatenated only for the tail.
     outs = [_stem(net, x, stats, training)]
     for layer, groups in enumerate(plan.levels):
-        owner = []  # node -> (index of its output in outs, row block within it)
-        for i, out in enumerate(outs):
-            rows = (out[0] if isinstance(out, tuple) else out).shape[0]
-            owner.extend((i, j) for j in range(rows // batch))
+        owner = _owners(outs, batch)
         routes = [_runs(parent_rows, owner) for _, parent_rows, _ in groups]
         if isinstance(outs[0], tuple):  # units' (a, main branch): shuffled and regrouped
             flat = [v for runs in routes for v in (len(runs), *(n for r in runs for n in r))]
@@ -429,8 +433,7 @@ def _run_plan(net, x: torch.Tensor, plan: ExecutionPlan, stats: PathStats) -> to
         # distinct architectures: the tail takes the last layer's rows in architecture order
         # (one regrouping in place of the layer's concatenation), so that its logits are
         # already [K, B, classes] (no gather, whose backward is an index_put)
-        owner = [(i, j) for i, out in enumerate(outs) for j in range(out.shape[0] // batch)]
-        act, = _Regroup.apply(batch, [_runs(plan.leaf, owner)], *outs)
+        act, = _Regroup.apply(batch, [_runs(plan.leaf, _owners(outs, batch))], *outs)
         logits = _tail(net, act, [plan.leaves[n] for n in plan.leaf], stats, training, fused)
         return logits.view(len(plan.leaf), batch, -1)
     act = outs[0] if len(outs) == 1 else torch.cat(outs, 0)

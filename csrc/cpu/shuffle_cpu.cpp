@@ -368,15 +368,6 @@ std::tuple<at::Tensor, at::Tensor> shuffle_cat_pair_backward_composite(
 // block's gradients over the destinations that took it (in destination order) and interleaves
 // the sum into the block's (grad_a, grad_b).
 
-std::vector<int64_t> source_blocks(const char* op, at::TensorList t, int64_t batch) {
-  std::vector<int64_t> blocks;
-  for (size_t i = 0; i < t.size(); ++i) {
-    check_regroup_batch(op, batch, t[i].size(0), i);
-    blocks.push_back(t[i].size(0) / batch);
-  }
-  return blocks;
-}
-
 std::vector<std::vector<RegroupRun>> check_shuffle_regroup(at::TensorList a, at::TensorList b,
                                                            at::IntArrayRef routes,
                                                            int64_t batch) {
@@ -392,7 +383,9 @@ std::vector<std::vector<RegroupRun>> check_shuffle_regroup(at::TensorList a, at:
                 "source 0 (", a[0].sizes(), ", ", b[0].sizes(), ") in channels, spatial size, "
                 "dtype or device");
   }
-  return parse_regroup_routes(op, routes, source_blocks(op, a, batch));
+  std::vector<int64_t> rows;
+  for (const at::Tensor& t : a) rows.push_back(t.size(0));
+  return parse_regroup_routes(op, routes, regroup_blocks(op, rows, batch));
 }
 
 // The pair of every destination, composed (any device; the CPU body's fallback for tensors
@@ -490,12 +483,7 @@ std::vector<std::vector<RegroupRun>> check_shuffle_regroup_backward(at::TensorLi
                                                                     int64_t split) {
   const char* op = "shuffle_regroup_backward";
   TORCH_CHECK(!rows.empty(), op, ": rows must name at least one source");
-  std::vector<int64_t> blocks;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    check_regroup_batch(op, batch, rows[i], i);
-    blocks.push_back(rows[i] / batch);
-  }
-  const auto dest = parse_regroup_routes(op, routes, blocks);
+  const auto dest = parse_regroup_routes(op, routes, regroup_blocks(op, rows, batch));
   TORCH_CHECK(!dest.empty() && grads.size() == 2 * dest.size(), op, ": grads must hold "
               "(grad_lo, grad_hi) of each of the routes' ", dest.size(), " destinations, got ",
               grads.size(), " tensors");

@@ -216,8 +216,9 @@ def shuffle_regroup(a: list[torch.Tensor], b: list[torch.Tensor], routes: list[i
     ``cpu`` backend one copy writes every destination (its backward sums a block's gradients
     over the runs that took it, in destination order, and interleaves the sum once); other
     devices compose ``cat`` and ``shuffle_cat_pair``. Layout as :func:`shuffle_cat`.
-    Equivalent to ``reference.shuffle_regroup`` (bit for bit: a permutation, and the same
-    sums in the same order as autograd's backward of the composition)."""
+    Equivalent to ``reference.shuffle_regroup``: values bit for bit (a permutation);
+    gradients too except where a block feeds three or more destinations, whose sum autograd's
+    backward of the composition may take in another order (last-bit differences)."""
     if resolve_backend(backend, a[0].device) == "reference":
         return reference.shuffle_regroup(a, b, routes, batch)
     return torch.ops.fastshift.shuffle_regroup.default(list(a), list(b), list(routes), batch)

@@ -10,6 +10,8 @@ import os
 import torch
 from torch._prims_common import suggest_memory_format
 
+from .reference import regroup_routes
+
 try:
     from .. import _C  # noqa: F401  (registers the TORCH_LIBRARY "fastshift")
 
@@ -123,18 +125,6 @@ if HAVE_C:
                 torch.empty((n, 2 * c - split, h, w), dtype=grad_lo.dtype,
                             device=grad_lo.device, memory_format=fmt))
 
-    def _regroup_rows(routes, batch):
-        """Rows of each destination of shuffle_regroup's flat routes."""
-        rows, k = [], 0
-        while k < len(routes):
-            n = routes[k]
-            torch._check(n >= 0 and k + 1 + 3 * n <= len(routes),
-                         lambda: "shuffle_regroup: routes are cut short")
-            rows.append(batch * sum(routes[k + 3 + 3 * r] - routes[k + 2 + 3 * r]
-                                    for r in range(n)))
-            k += 1 + 3 * n
-        return rows
-
     @torch.library.register_fake("fastshift::shuffle_regroup")
     def _shuffle_regroup_fake(a, b, routes, batch):
         torch._check(len(a) == len(b) and len(a) > 0,
@@ -146,7 +136,8 @@ if HAVE_C:
         fmt = suggest_memory_format(a0 if a0.shape[1] else b0)
         return [torch.empty((r, h, a0.shape[2], a0.shape[3]), dtype=a0.dtype, device=a0.device,
                             memory_format=fmt)
-                for r in _regroup_rows(routes, batch) for _ in range(2)]
+                for runs in regroup_routes(routes)
+                for r in [batch * sum(b1 - b0 for _, b0, b1 in runs)] for _ in range(2)]
 
     @torch.library.register_fake("fastshift::shuffle_regroup_backward")
     def _shuffle_regroup_backward_fake(grads, routes, batch, rows, split):
