@@ -395,6 +395,8 @@ std::vector<at::Tensor> shuffle_regroup_composite(at::TensorList a, at::TensorLi
   const auto dest = check_shuffle_regroup(a, b, routes, batch);
   static const auto pair = op_handle<std::tuple<at::Tensor, at::Tensor>(
       const at::Tensor&, const at::Tensor&)>("shuffle_cat_pair");
+  const bool rows_last = shuffle_cat_rows_last(a[0], b[0]);
+  const auto fmt = rows_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   std::vector<at::Tensor> out;
   for (const auto& runs : dest) {
     std::vector<at::Tensor> pa, pb;
@@ -406,15 +408,15 @@ std::vector<at::Tensor> shuffle_regroup_composite(at::TensorList a, at::TensorLi
       pa.push_back(a[0].narrow(0, 0, 0));
       pb.push_back(b[0].narrow(0, 0, 0));
     }
-    const bool rows_last = shuffle_cat_rows_last(pa[0], pb[0]);
     auto joined = [&](const std::vector<at::Tensor>& p) {
       if (p.size() == 1) return p[0];
       at::Tensor t = at::cat(p, 0);
       return rows_last ? t.contiguous(at::MemoryFormat::ChannelsLast) : t;
     };
     auto [lo, hi] = pair.call(joined(pa), joined(pb));
-    out.push_back(lo);
-    out.push_back(hi);
+    // the layout of source 0 also where the pair's bodies pick another (e.g. no rows)
+    out.push_back(lo.contiguous(fmt));
+    out.push_back(hi.contiguous(fmt));
   }
   return out;
 }
@@ -534,8 +536,9 @@ std::vector<at::Tensor> shuffle_regroup_backward_composite(at::TensorList grads,
   for (int64_t r : rows) {
     const auto opt = g0.options().memory_format(rows_last ? at::MemoryFormat::ChannelsLast
                                                           : at::MemoryFormat::Contiguous);
-    out.push_back(at::zeros({r, split, g0.size(2), g0.size(3)}, opt));
-    out.push_back(at::zeros({r, C - split, g0.size(2), g0.size(3)}, opt));
+    // at::zeros drops the options' memory format: empty in the layout, then zeroed
+    out.push_back(at::empty({r, split, g0.size(2), g0.size(3)}, opt).zero_());
+    out.push_back(at::empty({r, C - split, g0.size(2), g0.size(3)}, opt).zero_());
   }
   for (size_t d = 0; d < dest.size(); ++d) {
     int64_t row = 0;
