@@ -288,6 +288,51 @@ at::Tensor linear_autograd(const at::Tensor& x, const at::Tensor& weight) {
   return Linear::apply(x, weight)[0];
 }
 
+// ---- stem_conv_bn_relu (CPU body only): the weight's gradient alone --------------------------
+
+using StemFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, double,
+    bool);
+using StemBwdFn = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                             const at::Tensor&, int64_t, double, bool);
+
+struct StemConvBnRelu : torch::autograd::Function<StemConvBnRelu> {
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x,
+                               const at::Tensor& weight, const at::Tensor& mean,
+                               const at::Tensor& var, int64_t stride, double eps, bool training) {
+    static const auto op = op_handle<StemFn>("stem_conv_bn_relu");
+    TORCH_CHECK(!x.requires_grad(), "stem_conv_bn_relu: x requires grad, but the op gives the "
+                "weight's gradient only (x is the network's input); use the modules instead");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [y, z, m, v] = op.call(x, weight, mean, var, stride, eps, training);
+    ctx->saved_data["stride"] = stride;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["training"] = training;
+    ctx->save_for_backward({x, weight, y, z, m, v});
+    ctx->mark_non_differentiable({z, m, v});
+    ctx->set_materialize_grads(false);
+    return {y, z, m, v};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list g) {
+    static const auto op = op_handle<StemBwdFn>("stem_conv_bn_relu_backward");
+    constexpr size_t kArgs = 7;
+    if (!g[0].defined()) return grads({}, kArgs);
+    const auto s = ctx->get_saved_variables();
+    auto& d = ctx->saved_data;
+    at::Tensor gw = op.call(g[0], s[0], s[1], s[2], s[3], s[4], s[5], d["stride"].toInt(),
+                            d["eps"].toDouble(), d["training"].toBool());
+    return grads({at::Tensor(), gw}, kArgs - 2);
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stem_conv_bn_relu_autograd(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& mean, const at::Tensor& var,
+    int64_t stride, double eps, bool training) {
+  auto out = StemConvBnRelu::apply(x, weight, mean, var, stride, eps, training);
+  return {out[0], out[1], out[2], out[3]};
+}
+
 // ---- dwconv_bn / pwconv_bn_relu / conv_bn_chain, each of two families ---------------------
 // (Family = 0: the compiled bodies; 1: the Triton bodies. Their handles: BlockOps.)
 
@@ -453,6 +498,7 @@ TORCH_LIBRARY_IMPL(fastshift, Autograd, m) {
   m.impl("shuffle_regroup", &shuffle_regroup_autograd);
   m.impl("shuffle_regroup_backward", &shuffle_regroup_backward_autograd);
   m.impl("linear", &linear_autograd);
+  m.impl("stem_conv_bn_relu", &stem_conv_bn_relu_autograd);
   m.impl("dwconv_bn", &dwconv_bn_autograd<0>);
   m.impl("pwconv_bn_relu", &pwconv_bn_relu_autograd<0>);
   m.impl("conv_bn_chain", &conv_bn_chain_autograd<0>);

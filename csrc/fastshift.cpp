@@ -81,6 +81,16 @@ TORCH_LIBRARY(fastshift, m) {
   m.def("linear(Tensor x, Tensor weight) -> Tensor");
   m.def("linear_backward(Tensor grad_y, Tensor x, Tensor weight) -> (Tensor grad_x, "
         "Tensor grad_weight)");
+  // The network's stem: a k x k conv (odd k, padding k / 2, stride, no bias) + BatchNorm
+  // without affine + ReLU. training: batch statistics, returned as mean / var [O] (var biased),
+  // and z, the raw conv output the backward reads; eval: normalises with the given mean / var
+  // [O] (returned as copies; z empty). y and z are channels-last [B, O, H', W']. CPU body only
+  // (csrc/cpu/stem_cpu.cpp): values independent of the thread count.
+  m.def("stem_conv_bn_relu(Tensor x, Tensor weight, Tensor mean, Tensor var, int stride, "
+        "float eps, bool training) -> (Tensor y, Tensor z, Tensor mean, Tensor var)");
+  // The weight's gradient of stem_conv_bn_relu's y (x, the network's input, takes none).
+  m.def("stem_conv_bn_relu_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor y, "
+        "Tensor z, Tensor mean, Tensor var, int stride, float eps, bool training) -> Tensor");
   // The same four ops with bodies written in Triton (fastshift/ops/triton), registered from
   // Python for CUDA tensors (and CPU tensors under TRITON_INTERPRET=1). Same contracts.
   m.def("dwconv_bn_triton(Tensor x, Tensor weight, Tensor mean, Tensor var, int stride, "

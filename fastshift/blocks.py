@@ -136,6 +136,45 @@ def _plan(seq: nn.Sequential):
     return layers, chain
 
 
+def _is_stem(stem: nn.Sequential) -> bool:
+    """(k x k conv of odd k, padding k // 2, one stride, no bias; BN without affine with
+    running statistics; ReLU): the SPOS stem's form, which ``ops.stem_conv_bn_relu`` runs."""
+    if len(stem) != 3 or not isinstance(stem[2], nn.ReLU):
+        return False
+    conv, bn = stem[0], stem[1]
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d)):
+        return False
+    k = conv.kernel_size
+    return (k[0] == k[1] and k[0] % 2 == 1 and conv.padding == (k[0] // 2,) * 2
+            and conv.stride[0] == conv.stride[1] and conv.groups == 1 and conv.bias is None
+            and conv.dilation == (1, 1) and conv.padding_mode == "zeros" and not bn.affine
+            and bn.track_running_stats and bn.running_mean is not None)
+
+
+def run_stem(stem: nn.Sequential, x: torch.Tensor, norm_stats, training: bool,
+             backend: str | None) -> torch.Tensor | None:
+    """The stem in training on the fused path as ``ops.stem_conv_bn_relu`` (one op forward and
+    backward, values independent of the thread count) where it can run: the ``cpu`` backend,
+    a stem of the SPOS form (:func:`_is_stem`), images ``x [B, C, H, W]`` (float32 / float64)
+    that need no gradient, one statistics group from ``norm_stats`` (as in :func:`run_fused`).
+    Returns None where it cannot, and in eval: the caller then runs the modules (in eval
+    oneDNN's conv, whose forward is itself thread-count invariant, and the elementwise
+    normalisation take 0.77-0.90 ms per batch of 128 against the op's 1.15-1.19 ms)."""
+    if (not training or not _is_stem(stem) or x.requires_grad
+            or x.dtype not in (torch.float32, torch.float64)
+            or ops.resolve_backend(backend, x.device) != "cpu"):
+        return None
+    conv, bn = stem[0], stem[1]
+    mean, var, groups, done = norm_stats(bn)
+    if groups != 1:
+        return None
+    y = ops.stem_conv_bn_relu(x, conv.weight, mean.view(-1), var.view(-1),
+                              stride=conv.stride[0], training=training,
+                              momentum=_momentum(bn, norm_stats), eps=bn.eps, backend=backend)
+    done()
+    return y
+
+
 def run_head(head: nn.Sequential, x: torch.Tensor, backend: str | None,
              fused: bool) -> torch.Tensor:
     """The classifier ``head`` on pooled features ``x [B, C]`` -> ``[B, classes]``: on the

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import run_fused, run_head, run_sequential, uses_fused
+from .blocks import run_fused, run_head, run_sequential, run_stem, uses_fused
 from .ops import resolve_backend, shuffle_regroup
 from .ops.reference import grouped_batch_norm
 
@@ -362,7 +362,12 @@ def _tail(net, h: torch.Tensor, prefixes, stats: PathStats, training: bool,
 
 
 def _stem(net, x: torch.Tensor, stats: PathStats, training: bool) -> torch.Tensor:
+    """The stem, once for every path: ``ops.stem_conv_bn_relu`` on the ``cpu`` backend
+    (``run_stem``), else the modules with the root's statistics."""
     x = x.contiguous(memory_format=torch.channels_last)
+    y = run_stem(net.first_conv, x, stats.norm_stats([()], training), training, net.backend)
+    if y is not None:
+        return y
     return run_sequential(net.first_conv, x, stats.batch_norm([()], training),
                           conv_channels_last)
 

@@ -18,7 +18,8 @@ FUSED_OPS = {"dwconv_bn": ["cpu", "cuda", "triton"], "pwconv_bn_relu": ["cpu", "
              "conv_bn_chain_eval": ["cpu"],  # (eval without autograd; elsewhere conv_bn_chain)
              # (composed from cat and the shuffle ops on other devices)
              "shuffle_cat_pair": ["cpu"], "shuffle_regroup": ["cpu"],
-             "linear": ["cpu"]}  # (on CUDA ops.linear runs cuBLAS's matmul)
+             "linear": ["cpu"],  # (on CUDA ops.linear runs cuBLAS's matmul)
+             "stem_conv_bn_relu": ["cpu"]}  # (elsewhere the stem's modules)
 
 
 def collect() -> dict:

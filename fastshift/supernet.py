@@ -23,6 +23,7 @@ from .blocks import (
     run_fused,
     run_head,
     run_sequential,
+    run_stem,
     run_units_fused,
     split_ready,
     uses_fused,
@@ -58,6 +59,15 @@ def _rows_last(x: torch.Tensor) -> torch.Tensor:
     """The fused path's input layout: channels-last, so that the stem hands the first unit
     channels-last activations (the fused ops would otherwise copy them, and again in backward)."""
     return x.contiguous(memory_format=torch.channels_last)
+
+
+def _fused_stem(stem: nn.Sequential, x: torch.Tensor, training: bool,
+                backend: str | None) -> torch.Tensor:
+    """The stem on the fused path: ``ops.stem_conv_bn_relu`` where ``run_stem`` can run it,
+    else the modules; on channels-last input (``_rows_last``)."""
+    x = _rows_last(x)
+    y = run_stem(stem, x, module_stats, training, backend)
+    return stem(x) if y is None else y
 
 
 class _Classify(nn.Module):
@@ -162,8 +172,8 @@ class Supernet(_Classify):
         fused = batch_norm is None and uses_fused(self.backend, x, network=True)
         if fused:
             units = [choices[gene] for choices, gene in zip(self.features, arch)]
-            x = run_units_fused(units, self.first_conv(_rows_last(x)), module_stats,
-                                self.training)
+            x = run_units_fused(units, _fused_stem(self.first_conv, x, self.training,
+                                                   self.backend), module_stats, self.training)
         elif batch_norm is None:
             x = self.first_conv(x)
             for choices, gene in zip(self.features, arch):
@@ -220,6 +230,7 @@ class Subnet(_Classify):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         self._check_input(x)
         if uses_fused(self.backend, x, network=True):
-            return self._classify(run_units_fused(self.features, self.first_conv(_rows_last(x)),
-                                                  module_stats, self.training), fused=True)
+            stem = _fused_stem(self.first_conv, x, self.training, self.backend)
+            return self._classify(run_units_fused(self.features, stem, module_stats,
+                                                  self.training), fused=True)
         return self._classify(self.features(self.first_conv(x)), fused=False)

@@ -34,7 +34,7 @@ from .allocator import tune_cpu_allocator
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "channel_split",
            "channel_interleave", "shuffle_cat", "shuffle_cat_pair", "shuffle_regroup", "dwconv_bn",
            "frozen_weights",
-           "pwconv_bn_relu", "conv_bn_chain", "linear", "reference",
+           "pwconv_bn_relu", "conv_bn_chain", "linear", "stem_conv_bn_relu", "reference",
            "HAVE_C", "BUILD_ERROR", "cuda_built", "CUDA_ARCHS", "cpu_kernel_level",
            "cuda_auto_backend",
            "AUTO_CUDA_MIN_ROWS", "AUTO_CUDA_MIN_NETWORK_ROWS",
@@ -386,6 +386,35 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
           else torch.ops.fastshift.pwconv_bn_relu.default)
     y, _, mean, var = op(x, weight, mean_in, var_in, groups, eps, training)
     _update_running(y, mean, var, mean_in, var_in, running_mean, groups, training, momentum)
+    return y
+
+
+def stem_conv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
+                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+                      stride: int, training: bool, momentum: float = 0.1, eps: float = 1e-5,
+                      backend: str | None = None) -> torch.Tensor:
+    """The network's stem as one op: ``k x k`` conv (``weight [O, C, k, k]``, odd k, padding
+    ``k // 2``, no bias) + BatchNorm without affine + ReLU.
+
+    ``x [B, C, H, W]``: the network's input images (float32 / float64; the op gives no
+    gradient for x). ``running_mean`` / ``running_var`` ``[O]``: used in eval, updated in place
+    in training (None in training: no update). Returns ``[B, O, H', W']``, channels-last.
+    Equivalent to ``reference.stem_conv_bn_relu`` (values, the weight's gradient, running
+    statistics). The ``cpu`` backend runs the op (``csrc/cpu/stem_cpu.cpp``: work in fixed
+    pixel chunks, so its values do not depend on the thread count, unlike oneDNN's conv
+    gradient and ATen's batch norm); every other backend, and an x that requires grad, runs
+    the reference.
+    """
+    name = resolve_backend(backend, x.device)
+    if name != "cpu" or x.requires_grad:
+        return reference.stem_conv_bn_relu(x, weight, running_mean, running_var, stride=stride,
+                                           training=training, momentum=momentum, eps=eps)
+    channels = weight.shape[0]
+    mean_in, var_in = _stats_args(x, channels, 1, running_mean, running_var, training,
+                                  "stem_conv_bn_relu")
+    y, _, mean, var = torch.ops.fastshift.stem_conv_bn_relu.default(
+        x, weight, mean_in.view(channels), var_in.view(channels), stride, eps, training)
+    _update_running(y, mean, var, mean_in, var_in, running_mean, 1, training, momentum)
     return y
 
 

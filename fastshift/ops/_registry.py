@@ -147,6 +147,22 @@ if HAVE_C:
         return [torch.empty((r, ch, h, w), dtype=g.dtype, device=g.device, memory_format=fmt)
                 for r in rows for ch in (split, 2 * c - split)]
 
+    @torch.library.register_fake("fastshift::stem_conv_bn_relu")
+    def _stem_conv_bn_relu_fake(x, weight, mean, var, stride, eps, training):
+        torch._check(x.dim() == 4 and weight.dim() == 4,
+                     lambda: "stem_conv_bn_relu: x and weight must be 4-D")
+        b, _, h, w = x.shape
+        o, k = weight.shape[0], weight.shape[-1]
+        shape = (b, o, conv_out_size(h, k, stride), conv_out_size(w, k, stride))
+        y = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=torch.channels_last)
+        z = torch.empty_like(y) if training else x.new_empty((0,))
+        return y, z, x.new_empty((o,)), x.new_empty((o,))
+
+    @torch.library.register_fake("fastshift::stem_conv_bn_relu_backward")
+    def _stem_conv_bn_relu_backward_fake(grad_y, x, weight, y, z, mean, var, stride, eps,
+                                         training):
+        return torch.empty(tuple(weight.shape), dtype=weight.dtype, device=weight.device)
+
     @torch.library.register_fake("fastshift::linear")
     def _linear_fake(x, weight):
         torch._check(x.dim() == 2 and weight.dim() == 2,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 __all__ = ["channel_split", "channel_interleave", "shuffle_cat", "shuffle_cat_pair",
            "shuffle_regroup", "grouped_batch_norm", "dwconv_bn", "pwconv_bn_relu", "linear",
-           "update_running_stats"]
+           "stem_conv_bn_relu", "update_running_stats"]
 
 
 def channel_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -239,6 +239,18 @@ def pwconv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
     return torch.relu(grouped_batch_norm(y, groups, _as_groups(running_mean, groups),
                                          _as_groups(running_var, groups), training, momentum,
                                          eps))
+
+
+def stem_conv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
+                      running_mean: torch.Tensor | None, running_var: torch.Tensor | None, *,
+                      stride: int, training: bool, momentum: float = 0.1,
+                      eps: float = 1e-5) -> torch.Tensor:
+    """The network's stem: ``k x k`` conv (``weight [O, C, k, k]``, odd k, padding ``k // 2``,
+    no bias) + BatchNorm without affine + ReLU: ``relu(grouped_batch_norm(F.conv2d(x, weight,
+    stride=stride, padding=k // 2), 1, ...))``."""
+    y = F.conv2d(x, weight, None, stride, weight.shape[-1] // 2)
+    return torch.relu(grouped_batch_norm(y, 1, _as_groups(running_mean, 1),
+                                         _as_groups(running_var, 1), training, momentum, eps))
 
 
 def conv_bn_chain(x: torch.Tensor, weights, layers, running_means, running_vars, *,
