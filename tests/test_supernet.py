@@ -1,6 +1,8 @@
 """Blocks and supernet against an independent functional construction; state-dict layout,
 loading and export."""
 
+import threading
+
 import numpy as np
 import pytest
 import torch
@@ -274,3 +276,33 @@ def test_frozen_weights_reuses_packs_and_sees_in_place_changes(digits_space, dty
     assert torch.equal(a, net(x, archs[0]))
     with pytest.raises(RuntimeError, match="not entered"):
         torch.ops.fastshift.pack_cache(False)
+
+
+@pytest.mark.skipif(not fastshift.ops.HAVE_C, reason="fastshift._C not built")
+def test_frozen_weights_scope_is_per_thread(digits_space):
+    """A frozen_weights scope held open on another thread does not reach this one: a weight
+    changed through .data (no new version, which a scope would not see) is packed again here."""
+    net = fastshift.Supernet(digits_space, backend="cpu",
+                             generator=torch.Generator().manual_seed(4)).eval()
+    x, arch = torch.randn(3, 1, 8, 8), (0, 1, 2, 3)
+    entered, leave = threading.Event(), threading.Event()
+
+    def hold():
+        with fastshift.ops.frozen_weights():
+            entered.set()
+            leave.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert entered.wait(30)
+        with torch.no_grad():
+            before = net(x, arch)
+            for p in net.parameters():
+                p.data.mul_(1.5)
+            after = net(x, arch)
+    finally:
+        leave.set()
+        holder.join()
+    with torch.no_grad():
+        assert torch.equal(after, net(x, arch)) and not torch.equal(after, before)

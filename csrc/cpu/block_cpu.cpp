@@ -411,7 +411,9 @@ at::Tensor transposed(const at::Tensor& src) {
 // reused by every later call instead of being packed again for every node, unit and batch.
 // The entries hold the weight (so its memory is not reused within the scope) and are
 // dropped when the outermost scope ends. Outside a scope, and for inference tensors (no
-// version counter), every call packs.
+// version counter), every call packs. The cache and its scope are per thread (the op bodies
+// look weights up on the calling thread, outside their parallel regions): a validation pass on
+// one Python thread does not cache the weights of a training step run on another.
 struct PackCache {
   struct Entry {
     at::Tensor weight, packed;
@@ -423,7 +425,7 @@ struct PackCache {
 };
 
 PackCache& pack_cache() {
-  static PackCache cache;
+  thread_local PackCache cache;
   return cache;
 }
 
