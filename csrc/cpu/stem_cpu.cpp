@@ -6,9 +6,12 @@
 // ms of a 62 ms training step at batch 64, 1.3 ms of a 30 ms validation batch of 128), and
 // both of those split their reductions by thread count, so a training step's values changed in
 // the last bits with torch.set_num_threads while every fastshift op gave the same bits. Here
-// the work is split in fixed chunks of output pixels and every sum (batch moments, the BN
+// the work is split in fixed chunks of kRows output rows and every sum (batch moments, the BN
 // backward's two sums, the weight gradient) adds its chunk partials in chunk order: the values
-// depend on the shapes only (test_stem_is_thread_count_invariant).
+// depend on the shapes only (test_stem_is_thread_count_invariant). The networks run it in
+// training (fastshift.blocks.run_stem); in eval the modules are faster (oneDNN's forward,
+// itself thread-count invariant) and the op's eval mode serves direct calls. GCC / Clang
+// vector extensions (the builds this package supports).
 //
 // Layout: x is read channels-last ([B, H, W, C]); the weight as wt [k, k, C, Op] (output
 // channel fastest, Op = O rounded up to a register block of kBlock, zero padded), so a pixel's
