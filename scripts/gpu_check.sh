@@ -117,7 +117,8 @@ if [ -n "$BASE" ]; then
 fi
 # The build on a lent H200 machine (16 cores): 352 s when the CPU kernels were one translation
 # unit, 210 s split per dtype, 117 s with the CPU 1x1 products split per dtype and
-# instruction-set level as well (all measured 2026-11-27). The limit leaves room for a slower
+# instruction-set level as well (all measured 2026-11-27; 138 s and 114 s on 2026-11-28, with
+# more CPU kernels). The limit leaves room for a slower
 # machine; SKIP steps that a call of at most 10 minutes cannot fit.
 step build 420 "$PY" setup.py build_ext --inplace || {
   echo "build failed: nothing else can run"; tail -n 40 "$W/build.log"; exit 1; }
