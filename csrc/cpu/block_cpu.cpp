@@ -72,19 +72,6 @@ void reduce_moments(const RowChunks& ch, int64_t C, const std::vector<double>& s
   });
 }
 
-// 1 / sqrt(var + eps) of n values (computed in double) into out.
-template <typename T>
-void rstd_into(const T* var, int64_t n, double eps, T* out) {
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(var[i]) + eps));
-}
-
-template <typename T>
-std::vector<T> rstd_of(const T* var, int64_t n, double eps) {
-  std::vector<T> out(n);
-  rstd_into(var, n, eps, out.data());
-  return out;
-}
-
 // Per-chunk double sums of the BN backward ([chunks, C] each, channel_sums modes 1 / 2): of dy'
 // and of dy' * xhat.
 struct GradSums {

@@ -36,6 +36,20 @@ struct RowChunks {
   }
 };
 
+// 1 / sqrt(var + eps) of n values (computed in double) into out (the op bodies' BatchNorm
+// scales: block_cpu.cpp, stem_cpu.cpp).
+template <typename T>
+void rstd_into(const T* var, int64_t n, double eps, T* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(1.0 / std::sqrt(double(var[i]) + eps));
+}
+
+template <typename T>
+std::vector<T> rstd_of(const T* var, int64_t n, double eps) {
+  std::vector<T> out(n);
+  rstd_into(var, n, eps, out.data());
+  return out;
+}
+
 inline RowChunks make_chunks(int64_t rows, int64_t groups) {
   const int64_t n = rows / groups;
   const int64_t per = std::max<int64_t>(1, std::min<int64_t>(n, std::max<int64_t>(1, 64 / groups)));

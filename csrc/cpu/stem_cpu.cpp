@@ -22,10 +22,11 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cmath>
 #include <tuple>
 #include <vector>
 
+#include "../block_checks.h"
+#include "block_kernels.h"
 #include "multiversion.h"
 
 namespace fastshift {
@@ -57,6 +58,18 @@ inline Vec<T> load(const T* p) {
 template <typename T>
 inline void store(T* p, const Vec<T>& v) {
   __builtin_memcpy(p, &v, sizeof(v));
+}
+
+// The first n (<= kBlock) lanes of v to p.
+template <typename T>
+inline void store_n(T* p, const Vec<T>& v, int64_t n) {
+  if (n == kBlock) {
+    store(p, v);
+    return;
+  }
+  T a[kBlock];
+  store(a, v);
+  std::copy(a, a + n, p);
 }
 
 struct StemShape {
@@ -123,20 +136,10 @@ void forward_chunk(const T* x, const T* wt, const StemShape& s, int64_t q, bool 
             a[j] = std::max((a[j] - mean[ob + j]) * rstd[ob + j], T(0));
           acc = load(a);
         }
-        if (n == kBlock) {
-          store(o, acc);
-        } else {
-          T a[kBlock];
-          store(a, acc);
-          std::copy(a, a + n, o);
-        }
+        store_n(o, acc, n);
       }
     }
-    if (training) {
-      T a[kBlock];
-      store(a, part);
-      std::copy(a, a + n, sum + ob);
-    }
+    if (training) store_n(sum + ob, part, n);
   }
 }
 
@@ -358,15 +361,15 @@ StemShape check_stem(const at::Tensor& x, const at::Tensor& weight, int64_t stri
   s.k = weight.size(2);
   s.s = stride;
   s.pad = s.k / 2;
-  s.Ho = (s.H + 2 * s.pad - s.k) / s.s + 1;
-  s.Wo = (s.W + 2 * s.pad - s.k) / s.s + 1;
+  s.Ho = conv_out_size(s.H, s.k, s.s);
+  s.Wo = conv_out_size(s.W, s.k, s.s);
   TORCH_CHECK(s.H + 2 * s.pad >= s.k && s.W + 2 * s.pad >= s.k, op, ": the input ", s.H, "x",
               s.W, " is smaller than the kernel");
   return s;
 }
 
-void check_stats(const at::Tensor& t, const StemShape& s, const at::Tensor& x, const char* op,
-                 const char* name) {
+void check_stem_stats(const at::Tensor& t, const StemShape& s, const at::Tensor& x,
+                      const char* op, const char* name) {
   TORCH_CHECK(t.numel() == s.O && t.scalar_type() == x.scalar_type() && t.device().is_cpu(),
               op, ": ", name, " must hold ", s.O, " values of x's dtype on the CPU, got ",
               t.sizes(), " ", t.scalar_type());
@@ -377,25 +380,6 @@ at::Tensor stem_weight(const at::Tensor& weight, const StemShape& s) {
   at::Tensor wt = at::zeros({s.k, s.k, s.C, s.Op}, weight.options());
   wt.narrow(3, 0, s.O).copy_(weight.permute({2, 3, 1, 0}));
   return wt;
-}
-
-at::Tensor rows_last(const at::Tensor& t) {
-  return t.contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-at::Tensor empty_rows_last(const StemShape& s, const at::Tensor& like) {
-  return at::empty({s.B, s.O, s.Ho, s.Wo},
-                   like.options().memory_format(at::MemoryFormat::ChannelsLast));
-}
-
-// rstd = 1 / sqrt(var + eps), as an [O] vector of x's dtype.
-template <typename T>
-std::vector<T> rstd_of(const at::Tensor& var, double eps) {
-  const at::Tensor v = var.contiguous();
-  std::vector<T> r(v.numel());
-  for (int64_t o = 0; o < v.numel(); ++o)
-    r[o] = T(1) / std::sqrt(v.const_data_ptr<T>()[o] + T(eps));
-  return r;
 }
 
 // Sums the [chunks, n] partials into [n] in chunk order (in double).
@@ -413,12 +397,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stem_conv_bn_relu_cpu
   const char* op = "stem_conv_bn_relu";
   const StemShape s = check_stem(x_in, weight, stride, op);
   if (!training) {
-    check_stats(mean_in, s, x_in, op, "mean");
-    check_stats(var_in, s, x_in, op, "var");
+    check_stem_stats(mean_in, s, x_in, op, "mean");
+    check_stem_stats(var_in, s, x_in, op, "var");
   }
   const at::Tensor x = rows_last(x_in);
-  at::Tensor y = empty_rows_last(s, x);
-  at::Tensor z = training ? empty_rows_last(s, x) : at::empty({0}, x.options());
+  at::Tensor y = empty_rows_last(s.B, s.O, s.Ho, s.Wo, x);
+  at::Tensor z =
+      training ? empty_rows_last(s.B, s.O, s.Ho, s.Wo, x) : at::empty({0}, x.options());
   at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "stem_conv_bn_relu", [&] {
     using T = scalar_t;
@@ -427,7 +412,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stem_conv_bn_relu_cpu
     if (!training) {
       mean = mean_in.reshape({s.O}).clone();
       var = var_in.reshape({s.O}).clone();
-      const std::vector<T> rstd = rstd_of<T>(var, eps);
+      const std::vector<T> rstd = cpu_block::rstd_of<T>(var.const_data_ptr<T>(), s.O, eps);
       at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
         for (int64_t q = q0; q < q1; ++q)
           k_stem_forward(x.const_data_ptr<T>(), wt.const_data_ptr<T>(), s, q, false,
@@ -455,7 +440,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> stem_conv_bn_relu_cpu
     const std::vector<double> sq = chunk_sum(parts, Q, s.O);
     T* v = var.data_ptr<T>();
     for (int64_t o = 0; o < s.O; ++o) v[o] = T(sq[o] / double(N));
-    const std::vector<T> rstd = rstd_of<T>(var, eps);
+    const std::vector<T> rstd = cpu_block::rstd_of<T>(v, s.O, eps);
     at::parallel_for(0, Q, 1, [&](int64_t q0, int64_t q1) {
       for (int64_t q = q0; q < q1; ++q)
         k_stem_passes(z.const_data_ptr<T>(), s, q, 1, m, rstd.data(), y.data_ptr<T>(), nullptr,
@@ -479,8 +464,8 @@ at::Tensor stem_conv_bn_relu_backward_cpu(const at::Tensor& grad_y, const at::Te
   TORCH_CHECK(!training || z_in.sizes() == grad_y.sizes(), op, ": z (the forward's raw conv "
               "output, kept in training) must be ", grad_y.sizes(), ", got ", z_in.sizes());
   TORCH_CHECK(grad_y.scalar_type() == x_in.scalar_type(), op, ": grad_y must have x's dtype");
-  check_stats(mean_in, s, x_in, op, "mean");
-  check_stats(var_in, s, x_in, op, "var");
+  check_stem_stats(mean_in, s, x_in, op, "mean");
+  check_stem_stats(var_in, s, x_in, op, "var");
   const at::Tensor x = rows_last(x_in), gy = rows_last(grad_y), y = rows_last(y_in);
   const at::Tensor z = training ? rows_last(z_in) : z_in;
   at::Tensor dw;
@@ -488,7 +473,8 @@ at::Tensor stem_conv_bn_relu_backward_cpu(const at::Tensor& grad_y, const at::Te
     using T = scalar_t;
     const int64_t Q = s.chunks(), N = s.pixels();
     const at::Tensor mean = mean_in.reshape({s.O}).contiguous();
-    const std::vector<T> rstd = rstd_of<T>(var_in.reshape({s.O}), eps);
+    const at::Tensor var = var_in.reshape({s.O}).contiguous();
+    const std::vector<T> rstd = cpu_block::rstd_of<T>(var.const_data_ptr<T>(), s.O, eps);
     std::vector<T> m1(s.Op, T(0)), m2(s.Op, T(0));
     if (training && N > 0) {
       std::vector<T> p1(Q * s.O), p2(Q * s.O);

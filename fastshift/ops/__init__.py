@@ -401,7 +401,7 @@ def stem_conv_bn_relu(x: torch.Tensor, weight: torch.Tensor,
     in training (None in training: no update). Returns ``[B, O, H', W']``, channels-last.
     Equivalent to ``reference.stem_conv_bn_relu`` (values, the weight's gradient, running
     statistics). The ``cpu`` backend runs the op (``csrc/cpu/stem_cpu.cpp``: work in fixed
-    pixel chunks, so its values do not depend on the thread count, unlike oneDNN's conv
+    chunks of output rows, so its values do not depend on the thread count, unlike oneDNN's conv
     gradient and ATen's batch norm); every other backend, and an x that requires grad, runs
     the reference.
     """
